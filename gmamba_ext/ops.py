@@ -1,0 +1,137 @@
+"""Thin Python wrappers over the compiled ops: argument normalisation, fake (meta) kernels for
+torch.compile, and autograd, all registered through torch.library (no device branches here)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["selective_scan", "selective_scan_channels_last", "CHUNK"]
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.gmamba_ext.*)
+
+    HAS_EXTENSION = True
+except ImportError as _error:  # a source checkout that was never built
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = _error
+
+# Steps per checkpoint chunk; must match kChunk in csrc/gmamba/scan_params.h.
+CHUNK = 16
+_OPS = "gmamba_ext::"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _has_kernel(device: torch.device) -> bool:
+    if not HAS_EXTENSION:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OPS + "selective_scan_fwd", key)
+
+
+def _require_tensor(value, name: str, optional: bool = False) -> Optional[Tensor]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"selective_scan: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _weight(value, name: str, acc: torch.dtype, optional: bool = False) -> Optional[Tensor]:
+    """Weights (A, B, C, D, delta_bias, initial_state) run in the accumulation dtype: cast (differentiably)."""
+    t = _require_tensor(value, name, optional)
+    if t is None:
+        return None
+    if not t.is_floating_point():
+        raise TypeError(f"selective_scan: argument '{name}' must be a floating-point tensor, got {t.dtype}")
+    return t.to(acc).contiguous()
+
+
+def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, channels_last):
+    u = _require_tensor(u, "u")
+    if not u.is_floating_point():
+        raise TypeError(f"selective_scan: argument 'u' must be a floating-point tensor, got {u.dtype}")
+    acc = _acc_dtype(u.dtype)
+    delta = _require_tensor(delta, "delta").contiguous()
+    z = _require_tensor(z, "z", optional=True)
+    args = (u.contiguous(), delta, _weight(A, "A", acc), _weight(B, "B", acc), _weight(C, "C", acc),
+            _weight(D, "D", acc, True), None if z is None else z.contiguous(),
+            _weight(delta_bias, "delta_bias", acc, True), _weight(initial_state, "initial_state", acc, True))
+    if _has_kernel(u.device):
+        out, last_state, _ = torch.ops.gmamba_ext.selective_scan_fwd(*args, bool(delta_softplus),
+                                                                       bool(channels_last))
+    else:  # no compiled kernel for this device: the reference computes the same function
+        out, last_state = reference.selective_scan_ref(*args[:8], delta_softplus=delta_softplus,
+                                                       return_last_state=True, initial_state=args[8],
+                                                       channels_last=channels_last)
+    return (out, last_state) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None):
+    """Drop-in for mamba-ssm's ``selective_scan_fn``, plus ``initial_state``.
+
+    u, delta, z: (batch, d, L); A: (d, N) real; B, C: (batch, N, L) or (batch, G, N, L) ("variable", d
+    divisible by G) or (d, N) ("constant"); D, delta_bias: (d,); initial_state: (batch, d, N).
+    Returns out (batch, d, L) in u's dtype, and with ``return_last_state`` also the final state
+    (batch, d, N) in float32 (float64 for float64 inputs), through which gradients flow.
+    """
+    return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, False)
+
+
+def selective_scan_channels_last(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                 return_last_state=False, initial_state=None):
+    """`selective_scan` on channels-last tokens, read in place (no transposes):
+    u, delta, z: (batch, L, d); B, C: (batch, L, N), (batch, L, G, N) or (d, N); the rest as there.
+    Returns out as (batch, L, d)."""
+    return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, True)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake(_OPS + "selective_scan_fwd")
+    def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, channels_last):
+        batch = u.shape[0]
+        d, L = (u.shape[2], u.shape[1]) if channels_last else (u.shape[1], u.shape[2])
+        N = A.shape[1]
+        chunks = (L + CHUNK - 1) // CHUNK
+        return (torch.empty_like(u), A.new_empty((batch, d, N)), A.new_empty((batch, chunks, N, d)))
+
+    @torch.library.register_fake(_OPS + "selective_scan_bwd")
+    def _scan_bwd_fake(dout, dlast_state, checkpoints, u, delta, A, B, C, D, z, delta_bias, initial_state,
+                       delta_softplus, channels_last):
+        def like(t, fallback):
+            return torch.empty_like(t) if t is not None else fallback.new_empty((0,))
+
+        return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
+                torch.empty_like(C), like(D, A), like(z, u), like(delta_bias, A), like(initial_state, A))
+
+    def _setup_context(ctx, inputs, output):
+        *tensors, delta_softplus, channels_last = inputs
+        optional = tensors[5:]  # D, z, delta_bias, initial_state: None or tensors
+        ctx.has_optional = tuple(t is not None for t in optional)
+        ctx.save_for_backward(*tensors[:5], output[2], *[t for t in optional if t is not None])
+        ctx.flags = (delta_softplus, channels_last)
+        ctx.mark_non_differentiable(output[2])
+
+    def _backward(ctx, dout, dlast_state, _dcheckpoints):
+        u, delta, A, B, C, checkpoints, *present = ctx.saved_tensors
+        it = iter(present)
+        D, z, delta_bias, initial_state = (next(it) if has else None for has in ctx.has_optional)
+        if dout is None:
+            dout = torch.zeros_like(u)
+        grads = torch.ops.gmamba_ext.selective_scan_bwd(
+            dout.contiguous(), None if dlast_state is None else dlast_state.contiguous(), checkpoints,
+            u, delta, A, B, C, D, z, delta_bias, initial_state, *ctx.flags)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = grads
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                ddelta_bias if delta_bias is not None else None,
+                dinitial_state if initial_state is not None else None, None, None)
+
+    torch.library.register_autograd(_OPS + "selective_scan_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,143 @@
+"""Builds gmamba_ext._C: CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc is found.
+
+Environment:
+  GMAMBA_CUDA=0|1        force the CUDA kernels off / on (default: on when possible)
+  TORCH_CUDA_ARCH_LIST   honoured; with no GPU visible the default is "9.0" (H100/H200)
+  GMAMBA_NATIVE=0        build the CPU kernels for a generic x86-64/aarch64 instead of -march=native
+  GMAMBA_PTXAS_VERBOSE=1 print registers / shared memory / spills of every CUDA kernel
+  MAX_JOBS               parallel compile jobs (torch's ninja builder)
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message):
+    sys.stderr.write(f"\ngmamba_ext build error: {message}\n\n")
+    sys.exit(1)
+
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    fail(
+        "PyTorch is not importable in this build environment. gmamba_ext compiles against the torch you "
+        "already have: install torch (>= 2.11) first, then run\n"
+        "    pip install --no-build-isolation .\n"
+        "(plain `pip install .` builds in an isolated environment without your torch)."
+    )
+
+
+def env_flag(name):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        fail(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def find_nvcc():
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def want_cuda():
+    forced = env_flag("GMAMBA_CUDA")
+    torch_cuda = torch.version.cuda
+    nvcc = find_nvcc()
+    if forced is False:
+        return False
+    if forced is True:
+        if not torch_cuda:
+            fail(f"GMAMBA_CUDA=1 but the installed torch {torch.__version__} is a CPU-only build.")
+        if not nvcc:
+            fail("GMAMBA_CUDA=1 but nvcc was not found: set CUDA_HOME (e.g. /usr/local/cuda) or put nvcc on PATH.")
+        return True
+    return bool(torch_cuda and nvcc)
+
+
+def nvidia_wheel_dirs():
+    """Headers/libraries of the nvidia-* wheels that a pip-installed CUDA torch brings (cuBLAS, cuFFT...)."""
+    include, lib = [], []
+    for site in sys.path:
+        for root in glob.glob(os.path.join(site, "nvidia", "cu*")):
+            if os.path.isdir(os.path.join(root, "include")):
+                include.append(os.path.join(root, "include"))
+            if os.path.isdir(os.path.join(root, "lib")):
+                lib.append(os.path.join(root, "lib"))
+    return include, lib
+
+
+def cuda_archs():
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
+        if not visible:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "(the visible GPUs)")
+
+
+def write_build_info(with_cuda, archs):
+    path = os.path.join(HERE, "gmamba_ext", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n")
+        f.write(f"BACKENDS = {('cpu', 'cuda') if with_cuda else ('cpu',)!r}\n")
+        f.write(f"CUDA_ARCHS = {archs if with_cuda else None!r}\n")
+
+
+def make_extension():
+    with_cuda = want_cuda()
+    sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+    if env_flag("GMAMBA_NATIVE") is not False:
+        cxx.append("-march=native")
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not with_cuda:
+        write_build_info(False, None)
+        return CppExtension("gmamba_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+    archs = cuda_archs()
+    wheel_include, wheel_lib = nvidia_wheel_dirs()
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20" if torch_needs_cxx20() else "-std=c++17"]
+    if env_flag("GMAMBA_PTXAS_VERBOSE"):
+        nvcc.append("-Xptxas=-v")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    write_build_info(True, archs)
+    return CUDAExtension(
+        "gmamba_ext._C",
+        sources,
+        include_dirs=include_dirs + wheel_include,
+        library_dirs=wheel_lib,
+        define_macros=[("GMAMBA_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+def torch_needs_cxx20():
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
+class Build(BuildExtension):
+    def run(self):
+        try:
+            super().run()
+        except (subprocess.CalledProcessError, RuntimeError, OSError) as error:
+            fail(f"compiling the extension failed ({error}). The compiler output above says why; "
+                 "GMAMBA_CUDA=0 builds the CPU kernels only.")
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": Build},
+)
