@@ -53,10 +53,10 @@ struct ChunkInputs {
   }
 };
 
-// B or C at step t for lane w (0 on padding steps).
+// B or C at step t for lane w (0 on padding steps and lanes: a padding lane's channel may lie past d).
 template <typename acc_t>
 GMAMBA_HD acc_t bc_at(const BCView<acc_t>& v, const LaneSet& ls, int w, int64_t n, int t, int valid) {
-  return t < valid ? v.at(ls.b, ls.g, ls.c0 + w, n, ls.k * kChunk + t) : acc_t(0);
+  return t < valid && w < ls.active ? v.at(ls.b, ls.g, ls.c0 + w, n, ls.k * kChunk + t) : acc_t(0);
 }
 
 template <typename acc_t>
@@ -90,24 +90,25 @@ GMAMBA_HD void chunk_forward(const ScanFwdArgs<in_t, acc_t>& a, const LaneSet& l
       for (int w = 0; w < W; ++w) {
         const acc_t Bt = bc_at(a.B, ls, w, n, t, x.valid);
         st[w] = scan_step(fast_exp(x.dt[t][w] * A_n[w]), st[w], x.dt[t][w] * Bt * x.u[t][w]);
-        if (kOutput) y[t][w] += bc_at(a.C, ls, w, n, t, x.valid) * st[w];
+        if constexpr (kOutput) y[t][w] += bc_at(a.C, ls, w, n, t, x.valid) * st[w];
       }
     }
 #pragma unroll
     for (int w = 0; w < W; ++w) state_out(n, w, st[w]);
   }
 
-  if (!kOutput) return;
+  if constexpr (kOutput) {
 #pragma unroll
-  for (int t = 0; t < T; ++t) {
+    for (int t = 0; t < T; ++t) {
 #pragma unroll
-    for (int w = 0; w < W; ++w) {
-      if (t >= x.valid || w >= ls.active) continue;
-      const int64_t c = ls.c0 + w;
-      const int64_t i = s.x_index(ls.b, c, ls.k * T + t);
-      acc_t v = y[t][w] + (a.D ? a.D[c] * x.u[t][w] : acc_t(0));
-      if (a.z) v *= silu(to_acc(a.z[i], acc_t(0)));
-      a.out[i] = static_cast<in_t>(v);
+      for (int w = 0; w < W; ++w) {
+        if (t >= x.valid || w >= ls.active) continue;
+        const int64_t c = ls.c0 + w;
+        const int64_t i = s.x_index(ls.b, c, ls.k * T + t);
+        acc_t v = y[t][w] + (a.D ? a.D[c] * x.u[t][w] : acc_t(0));
+        if (a.z) v *= silu(to_acc(a.z[i], acc_t(0)));
+        a.out[i] = static_cast<in_t>(v);
+      }
     }
   }
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole GPU verification run, in one call on the lent GPU machine (python3.12, torch 2.11.0+cu130,
+# no network, no compiler use): installs the artefacts prebuilt by benchmarks/prepare_device.sh, prints
+# the card, runs the test suite (CUDA tests included) and a memory check of the kernels, then the GPU
+# benchmarks; everything it prints and measures lands in $OUT (JSON + Markdown + PNG + logs).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/benchmarks/out/device}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step environment
+{ nvidia-smi; git -C "$REPO" rev-parse HEAD 2>/dev/null || cat "$REPO/.device/commit" 2>/dev/null; date -u;
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+} 2>&1 | tee "$OUT/env.txt"
+
+step install
+$PY -m pip install --no-deps --no-index --force-reinstall "$REPO"/.device/wheels/gmamba_ext-*.whl 2>&1 | tail -2
+cd /tmp  # import the installed package, not the source tree
+$PY -m gmamba_ext 2>&1 | tee -a "$OUT/env.txt"
+
+step "CUDA tests"
+timeout 300 $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.txt" | tail -40 || status=1
+
+step "memory check (compute-sanitizer memcheck, small shapes)"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/benchmarks/sanitize_scan.py" \
+    2>&1 | tail -15 | tee -a "$OUT/tests_cuda.txt" || status=1
+fi
+
+step "GPU benchmarks"
+timeout 300 $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" \
+  --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -60 || status=1
+
+step "CPU tests on torch $($PY -c 'import torch; print(torch.__version__)') (oldest supported)"
+timeout 240 $PY -m pytest "$REPO/python_tests" -q -x -p no:cacheprovider -n 8 \
+  --deselect "$REPO/python_tests/test_selective_scan_cuda.py" 2>&1 | tail -5 | tee "$OUT/tests_cpu.txt" || status=1
+echo "device check finished with status $status"
+exit $status

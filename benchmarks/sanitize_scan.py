@@ -1,0 +1,31 @@
+"""Small forward + backward runs of every CUDA scan variant, for compute-sanitizer (memcheck) in
+benchmarks/device_check.sh: out-of-bounds or misaligned accesses show up there, not in results."""
+import itertools
+
+import torch
+
+import gmamba_ext
+
+for (batch, d, L, N), mode, cl, dtype in itertools.product(
+        [(2, 40, 37, 5), (1, 33, 16, 3)], ["var", "grp", "const"], [False, True], [torch.float32, torch.bfloat16]):
+    x_shape = (batch, L, d) if cl else (batch, d, L)
+    G = 1 if mode != "grp" else (5 if d % 5 == 0 else 3)
+    if mode == "const":
+        bc = (d, N)
+    elif cl:
+        bc = (batch, L, G, N)
+    else:
+        bc = (batch, G, N, L)
+    make = dict(device="cuda", requires_grad=True)
+    u = torch.randn(x_shape, dtype=dtype, **make)
+    delta = torch.randn(x_shape, dtype=dtype, **make)
+    z = torch.randn(x_shape, dtype=dtype, **make)
+    A = (-torch.rand(d, N, device="cuda") - 0.5).requires_grad_()
+    B, C = torch.randn(bc, **make), torch.randn(bc, **make)
+    D, bias = torch.randn(d, **make), torch.randn(d, **make)
+    h0 = torch.randn(batch, d, N, **make)
+    fn = gmamba_ext.selective_scan_channels_last if cl else gmamba_ext.selective_scan
+    out, last = fn(u, delta, A, B, C, D, z, bias, True, True, h0)
+    (out.float().sum() + last.sum()).backward()
+torch.cuda.synchronize()
+print("sanitize_scan: all variants ran")

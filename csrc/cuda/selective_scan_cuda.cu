@@ -1,0 +1,264 @@
+// CUDA selective scan. One thread per (batch, channel, 16-step chunk) runs the shared chunk code with a
+// single lane; a warp spans 32 channels of one chunk, so channels-last tokens are read coalesced.
+// Chunks are chained in three launches (no inter-block waiting, no atomics):
+//   forward:  1) each chunk's end state from a zero start, 2) a short sequential pass over chunks per
+//             (batch, state, channel) turning those into checkpoints, 3) each chunk again from its
+//             checkpoint, writing the output.
+//   backward: 1) each chunk's start adjoint from a zero end adjoint, 2) the same short pass in reverse,
+//             3) each chunk again with its true end adjoint, writing every gradient. Variable dB / dC are
+//             reduced over the warp's 32 channels with a fixed butterfly, then over warps by the host's
+//             fixed-order sum: the backward is bitwise reproducible.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "gmamba/scan_chunk.h"
+#include "ops/scan_ops.h"
+
+namespace gmamba {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kCarryThreads = 256;
+// Register caps through __launch_bounds__ (occupancy for these memory-bound kernels), chosen so that
+// ptxas reports no spills for the float kernels (see docs/KERNELS.md).
+constexpr int kFwdBlocksPerSM = 3;
+constexpr int kBwdBlocksPerSM = 2;
+
+// Which (batch, group, channel, chunk) this thread covers; false for warps past the last chunk.
+struct ThreadChunk {
+  LaneSet ls;
+  int64_t tile;
+  bool live;
+};
+
+__device__ ThreadChunk locate(const ScanShape& s, int64_t tiles) {
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  ThreadChunk tc;
+  tc.ls.k = warp % s.nchunks;
+  int64_t rest = warp / s.nchunks;
+  tc.tile = rest % tiles;
+  rest /= tiles;
+  tc.ls.g = rest % s.groups;
+  tc.ls.b = rest / s.groups;
+  tc.live = tc.ls.b < s.batch;
+  const int64_t first = tc.tile * kWarp + lane;
+  tc.ls.c0 = tc.ls.g * s.dim_per_group + first;
+  tc.ls.active = first < s.dim_per_group ? 1 : 0;
+  return tc;
+}
+
+int64_t chunk_blocks(const ScanShape& s, int64_t tiles) {
+  const int64_t warps = s.batch * s.groups * tiles * s.nchunks;
+  return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+}
+
+// Sum over a chunk's steps of one lane's values (fixed order).
+template <typename acc_t>
+__device__ acc_t sum_steps(const acc_t (&v)[kChunk][1]) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) sum += v[t][0];
+  return sum;
+}
+
+// Forward pass 1: the chunk's end state from a zero start, and its summed step size.
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+    fwd_chunk_summary(ScanFwdArgs<in_t, acc_t> a, acc_t* dt_sum, int64_t tiles) {
+  const ThreadChunk tc = locate(a.s, tiles);
+  if (!tc.live) return;
+  ChunkInputs<1, in_t, acc_t> x;
+  x.load(a, tc.ls);
+  const ScanShape& s = a.s;
+  chunk_forward<false>(a, tc.ls, x, [](int64_t, int) { return acc_t(0); },
+                       [&](int64_t n, int, acc_t v) {
+                         if (tc.ls.active) a.checkpoints[s.chunk_state_index(tc.ls.b, tc.ls.k, n, tc.ls.c0)] = v;
+                       });
+  if (tc.ls.active) dt_sum[s.chunk_index(tc.ls.b, tc.ls.k, tc.ls.c0)] = sum_steps(x.dt);
+}
+
+// Pass 2 of both directions: chains chunks for one (batch, state, channel). Forward: `io` holds each
+// chunk's zero-start end state and becomes the checkpoint (state before the chunk); `edge` holds the
+// initial state in and the final state out. Backward (kReverse): `io` holds each chunk's zero-end start
+// adjoint and becomes the adjoint at the chunk's end; `edge` holds dlast_state in and d initial_state out.
+template <bool kReverse, typename acc_t>
+__global__ void chain_chunks(ScanShape s, const acc_t* __restrict__ A, const acc_t* __restrict__ dt_sum,
+                             acc_t* __restrict__ io, acc_t* __restrict__ edge) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= s.batch * s.dstate * s.dim) return;
+  const int64_t c = idx % s.dim, n = (idx / s.dim) % s.dstate, b = idx / (s.dim * s.dstate);
+  const acc_t A_n = A[c * s.dstate + n];
+  const int64_t edge_index = (b * s.dim + c) * s.dstate + n;
+  acc_t h = edge[edge_index];
+  for (int64_t step = 0; step < s.nchunks; ++step) {
+    const int64_t k = kReverse ? s.nchunks - 1 - step : step;
+    const int64_t i = s.chunk_state_index(b, k, n, c);
+    const acc_t local = io[i];
+    io[i] = h;
+    h = fast_exp(A_n * dt_sum[s.chunk_index(b, k, c)]) * h + local;
+  }
+  edge[edge_index] = h;
+}
+
+// Forward pass 3: the chunk from its checkpoint, writing the output.
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kFwdBlocksPerSM) fwd_chunk_output(ScanFwdArgs<in_t, acc_t> a, int64_t tiles) {
+  const ThreadChunk tc = locate(a.s, tiles);
+  if (!tc.live) return;
+  ChunkInputs<1, in_t, acc_t> x;
+  x.load(a, tc.ls);
+  const ScanShape& s = a.s;
+  chunk_forward<true>(
+      a, tc.ls, x,
+      [&](int64_t n, int) {
+        return tc.ls.active ? a.checkpoints[s.chunk_state_index(tc.ls.b, tc.ls.k, n, tc.ls.c0)] : acc_t(0);
+      },
+      [](int64_t, int, acc_t) {});
+}
+
+// Backward pass 1: the chunk's start adjoint given a zero adjoint at its end, and its summed step size.
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+    bwd_chunk_summary(ScanBwdArgs<in_t, acc_t> a, acc_t* carry, acc_t* dt_sum) {
+  const ThreadChunk tc = locate(a.f.s, a.tiles);
+  if (!tc.live) return;
+  ChunkInputs<1, in_t, acc_t> x;
+  x.load(a.f, tc.ls);
+  const ScanShape& s = a.f.s;
+  chunk_local_adjoint(a, tc.ls, x, [&](int64_t n, int, acc_t g) {
+    if (tc.ls.active) carry[s.chunk_state_index(tc.ls.b, tc.ls.k, n, tc.ls.c0)] = g;
+  });
+  if (tc.ls.active) dt_sum[s.chunk_index(tc.ls.b, tc.ls.k, tc.ls.c0)] = sum_steps(x.dt);
+}
+
+// Sums each of the 32 values over the warp's lanes; lane i returns the sum of value i. Each stage swaps
+// half of the remaining values with the partner lane: 31 shuffles in all, in a fixed order.
+template <typename acc_t>
+__device__ acc_t warp_reduce_scatter32(acc_t (&v)[2 * kChunk]) {
+  static_assert(2 * kChunk == kWarp, "one value per lane");
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int half = kWarp / 2; half >= 1; half /= 2) {
+    const bool upper = lane & half;
+#pragma unroll
+    for (int j = 0; j < half; ++j) {
+      const acc_t send = upper ? v[j] : v[j + half];
+      const acc_t keep = upper ? v[j + half] : v[j];
+      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, half);
+    }
+  }
+  return v[0];
+}
+
+// Backward pass 3: all gradients of the chunk, given its checkpoint and its true end adjoint.
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kBwdBlocksPerSM)
+    bwd_chunk_grads(ScanBwdArgs<in_t, acc_t> a, const acc_t* carry) {
+  const ThreadChunk tc = locate(a.f.s, a.tiles);
+  if (!tc.live) return;
+  ChunkInputs<1, in_t, acc_t> x;
+  x.load(a.f, tc.ls);
+  const ScanShape& s = a.f.s;
+  const LaneSet& ls = tc.ls;
+  auto state_at = [&](const acc_t* buf, int64_t n) {
+    return ls.active ? buf[s.chunk_state_index(ls.b, ls.k, n, ls.c0)] : acc_t(0);
+  };
+  const int lane = threadIdx.x % kWarp;
+  // Variable B/C: reduce over the warp's channels (lane < 16 ends with dB at step lane, the others with
+  // dC at step lane - 16). Constant B/C: sum over the chunk's steps per channel. Written without
+  // run-time-indexed arrays, which would push the per-step values to local memory.
+  auto emit = [&](int64_t n, const acc_t(&dB)[kChunk][1], const acc_t(&dC)[kChunk][1]) {
+    if (a.f.B.variable || a.f.C.variable) {
+      acc_t v[2 * kChunk];
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) v[t] = dB[t][0], v[kChunk + t] = dC[t][0];
+      const acc_t sum = warp_reduce_scatter32(v);
+      const bool is_c = lane >= kChunk;
+      const int64_t l = ls.k * kChunk + lane % kChunk;
+      if ((is_c ? a.f.C.variable : a.f.B.variable) && l < s.len) {
+        acc_t* part = is_c ? a.dC_part : a.dB_part;
+        part[(((ls.b * s.groups + ls.g) * a.tiles + tc.tile) * s.dstate + n) * s.len + l] = sum;
+      }
+    }
+    if (!ls.active) return;
+    const int64_t i = s.chunk_state_index(ls.b, ls.k, n, ls.c0);
+    if (!a.f.B.variable) a.dB_part[i] = sum_steps(dB);
+    if (!a.f.C.variable) a.dC_part[i] = sum_steps(dC);
+  };
+  chunk_backward(
+      a, ls, x, [&](int64_t n, int) { return state_at(a.f.checkpoints, n); },
+      [&](int64_t n, int) { return state_at(carry, n); }, [](int64_t, int, acc_t) {}, emit);
+}
+
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+int64_t tiles_of(const ScanShape& s) { return (s.dim_per_group + kWarp - 1) / kWarp; }
+
+int64_t carry_blocks(const ScanShape& s) {
+  return (s.batch * s.dstate * s.dim + kCarryThreads - 1) / kCarryThreads;
+}
+
+void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& out, const at::Tensor& checkpoints,
+                  const at::Tensor& last_state) {
+  const c10::cuda::CUDAGuard guard(in.u.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t tiles = tiles_of(s);
+  at::Tensor dt_sum = at::empty({s.batch, s.nchunks, s.dim}, checkpoints.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_fwd_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const auto args = make_fwd_args<scalar_t, acc_t>(in, s, out, checkpoints, last_state);
+    const int64_t blocks = chunk_blocks(s, tiles);
+    fwd_chunk_summary<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, dt_sum.data_ptr<acc_t>(), tiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // last_state enters holding initial_state (or zeros) and leaves holding the final state.
+    chain_chunks<false><<<carry_blocks(s), kCarryThreads, 0, stream>>>(
+        s, args.A, dt_sum.data_ptr<acc_t>(), args.checkpoints, last_state.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fwd_chunk_output<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, tiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& dout,
+                   const std::optional<at::Tensor>& dlast, const at::Tensor& checkpoints,
+                   std::vector<at::Tensor>& buffers, int64_t tiles) {
+  const c10::cuda::CUDAGuard guard(in.u.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor carry = at::empty_like(checkpoints);
+  at::Tensor dt_sum = at::empty({s.batch, s.nchunks, s.dim}, checkpoints.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_bwd_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const auto args = make_bwd_args<scalar_t, acc_t>(in, s, dout, dlast, checkpoints, buffers, tiles);
+    const int64_t blocks = chunk_blocks(s, tiles);
+    bwd_chunk_summary<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>(),
+                                                                     dt_sum.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // dinitial_state enters holding dlast_state (or zeros) and leaves holding the initial state's gradient.
+    chain_chunks<true><<<carry_blocks(s), kCarryThreads, 0, stream>>>(
+        s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+struct CudaBackend {
+  static const ScanBackend& get() {
+    static const ScanBackend backend{forward_cuda, backward_cuda, kWarp};
+    return backend;
+  }
+};
+
+}  // namespace
+}  // namespace gmamba
+
+TORCH_LIBRARY_IMPL(gmamba_ext, CUDA, m) {
+  m.impl("selective_scan_fwd", &gmamba::ScanOps<gmamba::CudaBackend>::forward);
+  m.impl("selective_scan_bwd", &gmamba::ScanOps<gmamba::CudaBackend>::backward);
+}

@@ -1,0 +1,195 @@
+// C++ unit test of the scan's shared scalar math (gmamba/scan_math.h, gmamba/fast_exp.h) and of the
+// registered op gmamba_ext::selective_scan_fwd, called through the dispatcher as any C++ user would, against
+// a naive sequential scan in double precision. Plain checks (no gtest); exits non-zero on any failure.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gmamba/fast_exp.h"
+#include "gmamba/scan_math.h"
+
+namespace {
+
+int failures = 0;
+
+// Not assert(): Release builds define NDEBUG. (CHECK is taken by c10's logging.)
+#define EXPECT(cond, ...)                                     \
+  do {                                                       \
+    if (!(cond)) {                                           \
+      ++failures;                                            \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                     \
+      std::fprintf(stderr, "\n");                            \
+    }                                                        \
+  } while (0)
+
+// Central difference of f at v; step chosen for double precision.
+template <typename F>
+double numeric_grad(F f, double v) {
+  const double h = 1e-6;
+  return (f(v + h) - f(v - h)) / (2 * h);
+}
+
+void test_softplus_silu() {
+  double worst_sp = 0, worst_silu = 0;
+  for (double v = -30; v <= 30; v += 0.01) {
+    // softplus switches to the identity at 20 (as torch does): skip the difference across the switch.
+    if (std::abs(v - 20) > 1e-3) {
+      const double fd = numeric_grad([](double x) { return gmamba::softplus(x); }, v);
+      worst_sp = std::max(worst_sp, std::abs(fd - gmamba::softplus_grad(v)));
+    }
+    const double fd = numeric_grad([](double x) { return gmamba::silu(x); }, v);
+    worst_silu = std::max(worst_silu, std::abs(fd - gmamba::silu_grad(v)));
+  }
+  EXPECT(worst_sp < 1e-7, "softplus_grad vs finite differences: max abs error %.3g", worst_sp);
+  EXPECT(worst_silu < 1e-7, "silu_grad vs finite differences: max abs error %.3g", worst_silu);
+  // softplus against its definition, and its float instantiation against double.
+  for (double v : {-50.0, -5.0, -1e-3, 0.0, 0.7, 5.0, 19.9, 20.1, 60.0}) {
+    const double want = v > 20 ? v : std::log1p(std::exp(v));
+    EXPECT(std::abs(gmamba::softplus(v) - want) <= 1e-15 * std::max(1.0, std::abs(want)),
+          "softplus(%g) = %.17g, want %.17g", v, gmamba::softplus(v), want);
+    const float f = gmamba::softplus(static_cast<float>(v));
+    EXPECT(std::abs(f - want) <= 2e-7 * std::max(1.0, std::abs(want)), "softplus<float>(%g) = %.9g, want %.9g",
+          v, f, want);
+  }
+  EXPECT(gmamba::softplus_grad(25.0) == 1.0, "softplus_grad above the threshold must be 1");
+  EXPECT(gmamba::discretize_delta(0.5, 0.25, false) == 0.75, "discretize_delta without softplus adds the bias");
+  EXPECT(gmamba::discretize_delta_grad(0.5, 0.25, true, 2.0) == 2.0 * gmamba::sigmoid(0.75),
+        "discretize_delta_grad with softplus");
+  EXPECT(gmamba::scan_step(0.5, 2.0, 3.0) == 4.0, "scan_step(decay, state, dBu) = decay * state + dBu");
+}
+
+void test_host_exp() {
+  // Dense sweep of [-87, 88] plus the end points, against the correctly rounded double exp.
+  double worst = 0;
+  float worst_x = 0;
+  const int steps = 20'000'000;
+  for (int i = 0; i <= steps; ++i) {
+    const float x = static_cast<float>(-87.0 + 175.0 * i / steps);
+    const double want = std::exp(static_cast<double>(x));
+    const double rel = std::abs(gmamba::host_exp_approx(x) - want) / want;
+    if (rel > worst) worst = rel, worst_x = x;
+  }
+  std::printf("host_exp_approx: max relative error %.3g (at x = %.9g) over [-87, 88]\n", worst, worst_x);
+  EXPECT(worst < 2e-7, "host_exp_approx max relative error %.3g at x = %.9g (want < 2e-7)", worst, worst_x);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT(std::isnan(gmamba::host_exp_approx(nan)), "host_exp_approx(NaN) must be NaN");
+  EXPECT(std::isnan(gmamba::fast_exp(nan)), "fast_exp(float NaN) must be NaN");
+  EXPECT(std::isnan(gmamba::fast_exp(std::numeric_limits<double>::quiet_NaN())), "fast_exp(double NaN)");
+  EXPECT(gmamba::host_exp_approx(0.0f) == 1.0f, "host_exp_approx(0) = %.9g", gmamba::host_exp_approx(0.0f));
+}
+
+// Naive scan in double: u, delta, z (B, d, L); A (d, N); B, C (B, N, L); D, delta_bias (d).
+// s = exp(delta A) s + delta B u; out = (sum_n C s + D u) * silu(z). Returns out and the last state.
+std::tuple<at::Tensor, at::Tensor> naive_scan(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor Bm,
+                                             at::Tensor Cm, at::Tensor D, at::Tensor z, at::Tensor bias,
+                                             bool softplus) {
+  auto u_ = u.to(at::kDouble).contiguous(), dt_ = delta.to(at::kDouble).contiguous();
+  auto A_ = A.to(at::kDouble).contiguous(), B_ = Bm.to(at::kDouble).contiguous();
+  auto C_ = Cm.to(at::kDouble).contiguous(), D_ = D.to(at::kDouble).contiguous();
+  auto z_ = z.to(at::kDouble).contiguous(), bias_ = bias.to(at::kDouble).contiguous();
+  const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), N = A.size(1);
+  auto out = at::zeros({batch, d, L}, at::kDouble), last = at::zeros({batch, d, N}, at::kDouble);
+  auto uu = u_.accessor<double, 3>(), dd = dt_.accessor<double, 3>(), zz = z_.accessor<double, 3>();
+  auto aa = A_.accessor<double, 2>();
+  auto bb = B_.accessor<double, 3>(), cc = C_.accessor<double, 3>();
+  auto DD = D_.accessor<double, 1>(), bi = bias_.accessor<double, 1>();
+  auto oo = out.accessor<double, 3>(), ls = last.accessor<double, 3>();
+  std::vector<double> s(N);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < d; ++c) {
+      std::fill(s.begin(), s.end(), 0.0);
+      for (int64_t l = 0; l < L; ++l) {
+        double dt = dd[b][c][l] + bi[c];
+        if (softplus) dt = dt > 20 ? dt : std::log1p(std::exp(dt));
+        double y = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          s[n] = std::exp(dt * aa[c][n]) * s[n] + dt * bb[b][n][l] * uu[b][c][l];
+          y += cc[b][n][l] * s[n];
+        }
+        const double zv = zz[b][c][l];
+        oo[b][c][l] = (y + DD[c] * uu[b][c][l]) * zv / (1 + std::exp(-zv));
+      }
+      for (int64_t n = 0; n < N; ++n) ls[b][c][n] = s[n];
+    }
+  return {out, last};
+}
+
+using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, bool, bool);
+
+double max_rel_diff(const at::Tensor& got, const at::Tensor& want) {
+  const double scale = std::max(1.0, want.abs().max().item<double>());
+  return (got.to(at::kDouble) - want).abs().max().item<double>() / scale;
+}
+
+void test_op(bool channels_last, bool softplus) {
+  const char* name = "gmamba_ext::selective_scan_fwd";
+  std::optional<c10::OperatorHandle> op;
+  try {
+    op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  } catch (const std::exception& e) {
+    EXPECT(false, "%s is not registered (was libgmamba_ops dropped by the linker?): %s", name, e.what());
+    return;
+  }
+  auto fwd = op->typed<FwdSig>();
+  at::manual_seed(channels_last * 2 + softplus);
+  const int64_t batch = 2, d = 20, L = 45, N = 5;  // d not a multiple of 8, L not of the chunk (16)
+  auto u = at::randn({batch, d, L}), z = at::randn({batch, d, L});
+  auto delta = softplus ? at::randn({batch, d, L}) * 0.5 : at::rand({batch, d, L}) * 0.2 + 0.01;
+  auto A = -at::rand({d, N}) * 2 - 0.1;
+  auto Bm = at::randn({batch, N, L}), Cm = at::randn({batch, N, L});
+  auto D = at::randn({d}), bias = softplus ? at::randn({d}) * 0.3 : at::zeros({d});
+  auto [want_out, want_last] = naive_scan(u, delta, A, Bm, Cm, D, z, bias, softplus);
+  std::optional<at::Tensor> bias_arg;
+  if (softplus) bias_arg = bias;
+  at::Tensor out, last, checkpoints;
+  try {
+    if (channels_last) {  // (B, L, d) tokens and (B, L, N) B/C, read in place
+      auto cl = [](const at::Tensor& t) { return t.transpose(1, 2).contiguous(); };
+      std::tie(out, last, checkpoints) =
+          fwd.call(cl(u), cl(delta), A, cl(Bm), cl(Cm), D, cl(z), bias_arg, std::nullopt, softplus, true);
+      out = out.transpose(1, 2);
+    } else {
+      std::tie(out, last, checkpoints) =
+          fwd.call(u, delta, A, Bm, Cm, D, z, bias_arg, std::nullopt, softplus, false);
+    }
+  } catch (const std::exception& e) {
+    EXPECT(false, "selective_scan_fwd(channels_last=%d, softplus=%d) threw: %s", channels_last, softplus, e.what());
+    return;
+  }
+  EXPECT(out.sizes() == want_out.sizes(), "out has the wrong shape");
+  EXPECT(last.sizes() == want_last.sizes(), "last_state has the wrong shape");
+  if (out.sizes() != want_out.sizes() || last.sizes() != want_last.sizes()) return;
+  const double e_out = max_rel_diff(out, want_out), e_last = max_rel_diff(last, want_last);
+  std::printf("selective_scan_fwd(channels_last=%d, softplus=%d): max error out %.3g, last_state %.3g\n",
+              channels_last, softplus, e_out, e_last);
+  EXPECT(e_out < 1e-4, "out differs from the naive scan by %.3g (channels_last=%d)", e_out, channels_last);
+  EXPECT(e_last < 1e-4, "last_state differs from the naive scan by %.3g (channels_last=%d)", e_last, channels_last);
+  EXPECT(checkpoints.dim() == 4 && checkpoints.size(0) == batch && checkpoints.size(1) == (L + 15) / 16,
+        "checkpoints must be (B, ceil(L/16), N, d)");
+}
+
+}  // namespace
+
+int main() {
+  test_softplus_silu();
+  test_host_exp();
+  test_op(false, false);
+  test_op(true, true);
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,34 @@
+"""`python -m gmamba_ext`: what was built (versions, backends, CUDA archs) and which devices are visible."""
+import platform
+
+import torch
+
+import gmamba_ext
+from gmamba_ext import ops
+
+
+def main():
+    print(f"gmamba_ext {gmamba_ext.__version__} (python {platform.python_version()}, torch {torch.__version__}, "
+          f"torch CUDA {torch.version.cuda})")
+    try:
+        from gmamba_ext import _build_info as info
+    except ImportError:
+        info = None
+    if not ops.HAS_EXTENSION:
+        print(f"compiled extension: NOT built ({ops._IMPORT_ERROR}); the pure-PyTorch reference is used")
+    elif info is not None:
+        print(f"built against torch {info.TORCH_VERSION}, CUDA {info.CUDA_VERSION}")
+        print(f"compiled backends: {', '.join(info.BACKENDS)}; CUDA archs: {info.CUDA_ARCHS}")
+    for device in ("cpu", "cuda"):
+        print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"visible device cuda:{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                  f"{p.multi_processor_count} SMs")
+    else:
+        print("visible devices: cpu only")
+
+
+if __name__ == "__main__":
+    main()
