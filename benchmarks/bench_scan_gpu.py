@@ -58,20 +58,25 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (t * 1e-3) / 1e9
 
 
-def make_inputs(batch, d, L, N, dtype, channels_last, seed=0):
+def make_inputs(batch, d, L, N, dtype, channels_last, bc_dtype=torch.float32, seed=0):
+    """Same values for every implementation (same seed; the channels-last form gets the same tensors
+    transposed); mamba-ssm wants variable B/C in u's dtype."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
 
-    def rnd(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, device=dev, dtype=dt)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
 
-    x_shape = (batch, L, d) if channels_last else (batch, d, L)
-    bc_shape = (batch, L, N) if channels_last else (batch, N, L)
-    A = -torch.exp(rnd(d, N, dt=torch.float32) * 0.5)
-    dt_bias = torch.log(torch.expm1(torch.empty(d, device=dev).uniform_(1e-3, 1e-1, generator=g)))
-    return dict(u=rnd(*x_shape), delta=rnd(*x_shape) * 0.5, A=A, B=rnd(*bc_shape, dt=torch.float32),
-                C=rnd(*bc_shape, dt=torch.float32), D=rnd(d, dt=torch.float32), z=rnd(*x_shape),
-                delta_bias=dt_bias)
+    A = -torch.exp(rnd(d, N) * 0.5)
+    dt_bias = torch.log(torch.expm1(torch.empty(d, device="cuda").uniform_(1e-3, 1e-1, generator=g)))
+    x = dict(u=rnd(batch, d, L), delta=rnd(batch, d, L) * 0.5, z=rnd(batch, d, L))
+    bc = dict(B=rnd(batch, N, L), C=rnd(batch, N, L))
+    if channels_last:
+        x = {k: v.transpose(1, 2) for k, v in x.items()}
+        bc = {k: v.transpose(1, 2) for k, v in bc.items()}
+    inputs = {k: v.to(dtype).contiguous() for k, v in x.items()}
+    inputs.update({k: v.to(bc_dtype).contiguous() for k, v in bc.items()})
+    inputs.update(A=A, D=rnd(d), delta_bias=dt_bias)
+    return inputs
 
 
 def run_case(fn, inputs, warmup, reps):
@@ -117,16 +122,17 @@ def main():
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": copy_gbs,
               "cases": []}
     print(f"device {report['device']}, copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    impls = {"gmamba": (gmamba_ext.selective_scan, False),
-             "gmamba_cl": (gmamba_ext.selective_scan_channels_last, True)}
+    # name -> (function, channels-last layout, B/C in u's dtype)
+    impls = {"gmamba": (gmamba_ext.selective_scan, False, False),
+             "gmamba_cl": (gmamba_ext.selective_scan_channels_last, True, False)}
     if mamba is not None:
-        impls["mamba_ssm"] = (mamba, False)
+        impls["mamba_ssm"] = (mamba, False, True)
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             case = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "impl": {}}
             ref_out = None
-            for name, (fn, cl) in impls.items():
-                inputs = make_inputs(*shape, dtype, cl)
+            for name, (fn, cl, bc_like_u) in impls.items():
+                inputs = make_inputs(*shape, dtype, cl, dtype if bc_like_u else torch.float32)
                 with torch.no_grad():
                     out = fn(**inputs, delta_softplus=True)
                 out = out.transpose(1, 2) if cl else out
@@ -149,9 +155,9 @@ def main():
                     r["memory_vs_mamba"] = r["peak_mib_fwd_bwd"] / max(m["peak_mib_fwd_bwd"], 1e-9)
             report["cases"].append(case)
             print(format_row(case), flush=True)
+            with open(os.path.join(args.out, "scan_gpu.json"), "w") as f:  # after every case: a cut run keeps it
+                json.dump(report, f, indent=1)
             torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "scan_gpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "scan_gpu.md"), "w") as f:
         f.write(markdown(report))
     plot(report, os.path.join(args.out, "scan_gpu.png"))

@@ -28,11 +28,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _has_kernel(device: torch.device) -> bool:
+def _kernel_device_types() -> frozenset:
+    """Device types with a compiled scan kernel, looked up once: a plain set keeps the wrappers traceable
+    by torch.compile (the dispatcher query itself is not)."""
     if not HAS_EXTENSION:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OPS + "selective_scan_fwd", key)
+        return frozenset()
+    return frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(_OPS + "selective_scan_fwd", key))
+
+
+_KERNEL_DEVICE_TYPES = _kernel_device_types()
+
+
+def _has_kernel(device: torch.device) -> bool:
+    return device.type in _KERNEL_DEVICE_TYPES
 
 
 def _require_tensor(value, name: str, optional: bool = False) -> Optional[Tensor]:

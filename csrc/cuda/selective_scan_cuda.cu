@@ -59,7 +59,7 @@ int64_t chunk_blocks(const ScanShape& s, int64_t tiles) {
 
 // Sum over a chunk's steps of one lane's values (fixed order).
 template <typename acc_t>
-__device__ acc_t sum_steps(const acc_t (&v)[kChunk][1]) {
+__device__ __forceinline__ acc_t sum_steps(const acc_t (&v)[kChunk][1]) {
   acc_t sum = 0;
 #pragma unroll
   for (int t = 0; t < kChunk; ++t) sum += v[t][0];
@@ -95,12 +95,26 @@ __global__ void chain_chunks(ScanShape s, const acc_t* __restrict__ A, const acc
   const acc_t A_n = A[c * s.dstate + n];
   const int64_t edge_index = (b * s.dim + c) * s.dstate + n;
   acc_t h = edge[edge_index];
-  for (int64_t step = 0; step < s.nchunks; ++step) {
-    const int64_t k = kReverse ? s.nchunks - 1 - step : step;
-    const int64_t i = s.chunk_state_index(b, k, n, c);
-    const acc_t local = io[i];
-    io[i] = h;
-    h = fast_exp(A_n * dt_sum[s.chunk_index(b, k, c)]) * h + local;
+  // Load kBatch chunks' values before chaining them: the loads do not depend on h, so they overlap
+  // instead of costing one memory latency per chunk (ncu, run 2: 0.54 ms at IPC 0.1 without this).
+  constexpr int kBatch = 8;
+  for (int64_t first = 0; first < s.nchunks; first += kBatch) {
+    acc_t local[kBatch], decay[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t step = first + j;
+      const int64_t k = kReverse ? s.nchunks - 1 - step : step;
+      const bool in = step < s.nchunks;
+      local[j] = in ? io[s.chunk_state_index(b, k, n, c)] : acc_t(0);
+      decay[j] = in ? fast_exp(A_n * dt_sum[s.chunk_index(b, k, c)]) : acc_t(1);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t step = first + j;
+      const int64_t k = kReverse ? s.nchunks - 1 - step : step;
+      if (step < s.nchunks) io[s.chunk_state_index(b, k, n, c)] = h;
+      h = decay[j] * h + local[j];
+    }
   }
   edge[edge_index] = h;
 }
@@ -137,21 +151,24 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 }
 
 // Sums each of the 32 values over the warp's lanes; lane i returns the sum of value i. Each stage swaps
-// half of the remaining values with the partner lane: 31 shuffles in all, in a fixed order.
-template <typename acc_t>
-__device__ acc_t warp_reduce_scatter32(acc_t (&v)[2 * kChunk]) {
-  static_assert(2 * kChunk == kWarp, "one value per lane");
-  const int lane = threadIdx.x % kWarp;
+// half of the remaining values with the partner lane: 31 shuffles in all, in a fixed order. The stages
+// are a template recursion so every array index is a compile-time constant (registers, not local memory).
+template <int kHalf, typename acc_t>
+__device__ __forceinline__ void reduce_scatter_stage(acc_t (&v)[2 * kChunk], int lane) {
+  const bool upper = lane & kHalf;
 #pragma unroll
-  for (int half = kWarp / 2; half >= 1; half /= 2) {
-    const bool upper = lane & half;
-#pragma unroll
-    for (int j = 0; j < half; ++j) {
-      const acc_t send = upper ? v[j] : v[j + half];
-      const acc_t keep = upper ? v[j + half] : v[j];
-      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, half);
-    }
+  for (int j = 0; j < kHalf; ++j) {
+    const acc_t send = upper ? v[j] : v[j + kHalf];
+    const acc_t keep = upper ? v[j + kHalf] : v[j];
+    v[j] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
   }
+  if constexpr (kHalf > 1) reduce_scatter_stage<kHalf / 2>(v, lane);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_reduce_scatter32(acc_t (&v)[2 * kChunk]) {
+  static_assert(2 * kChunk == kWarp, "one value per lane");
+  reduce_scatter_stage<kWarp / 2>(v, static_cast<int>(threadIdx.x % kWarp));
   return v[0];
 }
 

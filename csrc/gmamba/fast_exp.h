@@ -2,20 +2,22 @@
 // exp for the scan's decay factors exp(delta * A).
 // - device float: the hardware approximation (__expf), a few ulp, as mamba-ssm's kernels use.
 // - host float: a Cephes-style range reduction + degree-6 polynomial (about 1 ulp on [-87, 88]) built only
-//   from arithmetic and bit casts, so loops over channel lanes auto-vectorise (libm's expf does not).
+//   from arithmetic, selects and bit casts, so loops over channel lanes vectorise (libm's expf does not);
+//   the CPU sources are compiled with -fno-trapping-math -fopenmp-simd for that.
 // - double: the library exp (the float64 path serves gradcheck, not speed).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "macros.h"
 
 namespace gmamba {
 
 inline float host_exp_approx(float x) {
-  // NaN stays NaN: the clamps below are written so a NaN compares false and passes through.
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
+  // A NaN fails both comparisons and passes through (then poisons the result). With -fno-trapping-math
+  // these selects and the float->int conversion below vectorise.
+  x = std::min(x, 88.7f);
+  x = std::max(x, -87.3f);
   // Round x / ln2 to nearest with the 1.5 * 2^23 trick (vectorisable, unlike nearbyint without SSE4.1).
   const float magic = 12582912.0f;
   const float n = (x * 1.44269504088896341f + magic) - magic;
@@ -28,9 +30,8 @@ inline float host_exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // __builtin_bit_cast (GCC >= 11, clang) vectorises where memcpy does not.
+  return p * __builtin_bit_cast(float, bits);
 }
 
 GMAMBA_HD float fast_exp(float x) {

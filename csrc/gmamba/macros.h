@@ -5,3 +5,14 @@
 #else
 #define GMAMBA_HD inline
 #endif
+
+// Loops over a chunk's steps are fully unrolled on the device (register arrays need compile-time
+// indices); loops over channel lanes are marked SIMD on the host (GCC does not vectorise them on its
+// own: the lane count is small and the bodies inline exp). Host builds pass -fopenmp-simd.
+#if defined(__CUDA_ARCH__)
+#define GMAMBA_UNROLL _Pragma("unroll")
+#define GMAMBA_LANES _Pragma("unroll")
+#else
+#define GMAMBA_UNROLL _Pragma("GCC unroll 16")
+#define GMAMBA_LANES _Pragma("omp simd")
+#endif

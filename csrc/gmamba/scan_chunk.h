@@ -35,9 +35,9 @@ struct ChunkInputs {
     const ScanShape& s = a.s;
     const int64_t l0 = ls.k * T;
     valid = s.len - l0 < T ? static_cast<int>(s.len - l0) : T;
-#pragma unroll
+GMAMBA_UNROLL
     for (int t = 0; t < T; ++t) {
-#pragma unroll
+GMAMBA_LANES
       for (int w = 0; w < W; ++w) {
         u[t][w] = acc_t(0);
         dt[t][w] = acc_t(0);
@@ -53,10 +53,33 @@ struct ChunkInputs {
   }
 };
 
-// B or C at step t for lane w (0 on padding steps and lanes: a padding lane's channel may lie past d).
-template <typename acc_t>
-GMAMBA_HD acc_t bc_at(const BCView<acc_t>& v, const LaneSet& ls, int w, int64_t n, int t, int valid) {
-  return t < valid && w < ls.active ? v.at(ls.b, ls.g, ls.c0 + w, n, ls.k * kChunk + t) : acc_t(0);
+// B or C of state n over the chunk's steps, per lane (0 on padding steps). Variable B/C do not depend on
+// the channel, so one load serves every lane; constant ones are per channel, and a padding lane's channel
+// may lie past d, so it reads nothing. Loading up front keeps the arithmetic loops branch-free.
+template <int W, typename acc_t>
+GMAMBA_HD void load_bc_column(const BCView<acc_t>& v, const LaneSet& ls, int64_t n, int valid,
+                              acc_t (&out)[kChunk][W]) {
+GMAMBA_UNROLL
+  for (int t = 0; t < kChunk; ++t) {
+    const int64_t l = ls.k * kChunk + t;
+    if (v.variable) {
+      const acc_t value = t < valid ? v.at(ls.b, ls.g, 0, n, l) : acc_t(0);
+GMAMBA_LANES
+      for (int w = 0; w < W; ++w) out[t][w] = value;
+    } else {
+GMAMBA_LANES
+      for (int w = 0; w < W; ++w) out[t][w] = t < valid && w < ls.active ? v.at(ls.b, ls.g, ls.c0 + w, n, l) : acc_t(0);
+    }
+  }
+}
+
+// exp(dt A_n) for every step and lane: independent, so they vectorise (CPU) or pipeline (GPU).
+template <int W, typename acc_t>
+GMAMBA_HD void decays(const acc_t (&dt)[kChunk][W], const acc_t (&A_n)[W], acc_t (&out)[kChunk][W]) {
+GMAMBA_UNROLL
+  for (int t = 0; t < kChunk; ++t)
+GMAMBA_LANES
+    for (int w = 0; w < W; ++w) out[t][w] = fast_exp(dt[t][w] * A_n[w]);
 }
 
 template <typename acc_t>
@@ -72,35 +95,38 @@ GMAMBA_HD void chunk_forward(const ScanFwdArgs<in_t, acc_t>& a, const LaneSet& l
   constexpr int T = kChunk;
   const ScanShape& s = a.s;
   acc_t y[T][W];
-#pragma unroll
+GMAMBA_UNROLL
   for (int t = 0; t < T; ++t)
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) y[t][w] = acc_t(0);
 
   for (int64_t n = 0; n < s.dstate; ++n) {
     acc_t A_n[W], st[W];
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) {
       A_n[w] = a_at(a.A, ls, w, n, s.dstate);
       st[w] = state_in(n, w);
     }
-#pragma unroll
+    acc_t Bn[T][W], Cn[T][W], decay[T][W];
+    load_bc_column(a.B, ls, n, x.valid, Bn);
+    if constexpr (kOutput) load_bc_column(a.C, ls, n, x.valid, Cn);
+    decays(x.dt, A_n, decay);
+GMAMBA_UNROLL
     for (int t = 0; t < T; ++t) {
-#pragma unroll
+GMAMBA_LANES
       for (int w = 0; w < W; ++w) {
-        const acc_t Bt = bc_at(a.B, ls, w, n, t, x.valid);
-        st[w] = scan_step(fast_exp(x.dt[t][w] * A_n[w]), st[w], x.dt[t][w] * Bt * x.u[t][w]);
-        if constexpr (kOutput) y[t][w] += bc_at(a.C, ls, w, n, t, x.valid) * st[w];
+        st[w] = scan_step(decay[t][w], st[w], x.dt[t][w] * Bn[t][w] * x.u[t][w]);
+        if constexpr (kOutput) y[t][w] += Cn[t][w] * st[w];
       }
     }
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) state_out(n, w, st[w]);
   }
 
   if constexpr (kOutput) {
-#pragma unroll
+GMAMBA_UNROLL
     for (int t = 0; t < T; ++t) {
-#pragma unroll
+GMAMBA_LANES
       for (int w = 0; w < W; ++w) {
         if (t >= x.valid || w >= ls.active) continue;
         const int64_t c = ls.c0 + w;
@@ -117,9 +143,9 @@ GMAMBA_HD void chunk_forward(const ScanFwdArgs<in_t, acc_t>& a, const LaneSet& l
 template <int W, typename in_t, typename acc_t>
 GMAMBA_HD void load_dy(const ScanBwdArgs<in_t, acc_t>& a, const LaneSet& ls, int valid, acc_t (&dy)[kChunk][W]) {
   const ScanShape& s = a.f.s;
-#pragma unroll
+GMAMBA_UNROLL
   for (int t = 0; t < kChunk; ++t) {
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) {
       dy[t][w] = acc_t(0);
       if (t < valid && w < ls.active) {
@@ -144,70 +170,70 @@ GMAMBA_HD void chunk_backward(const ScanBwdArgs<in_t, acc_t>& a, const LaneSet& 
   const ScanShape& s = a.f.s;
   acc_t dy[T][W], ddt[T][W], du[T][W], y[T][W];
   load_dy<W>(a, ls, x.valid, dy);
-#pragma unroll
+GMAMBA_UNROLL
   for (int t = 0; t < T; ++t)
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) ddt[t][w] = du[t][w] = y[t][w] = acc_t(0);
 
   for (int64_t n = 0; n < s.dstate; ++n) {
-    acc_t A_n[W], s0[W], st[T][W], dB[T][W];
-#pragma unroll
+    acc_t A_n[W], s0[W], st[T][W], Bn[T][W], Cn[T][W], decay[T][W];
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) {
       A_n[w] = a_at(a.f.A, ls, w, n, s.dstate);
       s0[w] = state_in(n, w);
     }
+    load_bc_column(a.f.B, ls, n, x.valid, Bn);
+    load_bc_column(a.f.C, ls, n, x.valid, Cn);
+    decays(x.dt, A_n, decay);
     // Recompute this state's trajectory through the chunk (and y, which dz needs).
-#pragma unroll
+GMAMBA_UNROLL
     for (int t = 0; t < T; ++t) {
-#pragma unroll
+GMAMBA_LANES
       for (int w = 0; w < W; ++w) {
         const acc_t prev = t == 0 ? s0[w] : st[t - 1][w];
-        const acc_t Bt = bc_at(a.f.B, ls, w, n, t, x.valid);
-        st[t][w] = scan_step(fast_exp(x.dt[t][w] * A_n[w]), prev, x.dt[t][w] * Bt * x.u[t][w]);
-        if (a.f.z) y[t][w] += bc_at(a.f.C, ls, w, n, t, x.valid) * st[t][w];
+        st[t][w] = scan_step(decay[t][w], prev, x.dt[t][w] * Bn[t][w] * x.u[t][w]);
+        if (a.f.z) y[t][w] += Cn[t][w] * st[t][w];
       }
     }
     acc_t g[W], dA[W];
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) {
       g[w] = carry_in(n, w);
       dA[w] = acc_t(0);
     }
-#pragma unroll
+    // Step t's B, C and state are dead once step t is done: Bn[t] becomes dB_t and st[t] becomes dC_t.
+GMAMBA_UNROLL
     for (int t = T - 1; t >= 0; --t) {
-#pragma unroll
+GMAMBA_LANES
       for (int w = 0; w < W; ++w) {
         const acc_t prev = t == 0 ? s0[w] : st[t - 1][w];
-        const acc_t Bt = bc_at(a.f.B, ls, w, n, t, x.valid);
-        const acc_t Ct = bc_at(a.f.C, ls, w, n, t, x.valid);
-        const acc_t decay = fast_exp(x.dt[t][w] * A_n[w]);
-        g[w] += Ct * dy[t][w];
-        const acc_t g_decay_prev = g[w] * decay * prev;
-        ddt[t][w] += g_decay_prev * A_n[w] + g[w] * Bt * x.u[t][w];
-        du[t][w] += g[w] * x.dt[t][w] * Bt;
+        g[w] += Cn[t][w] * dy[t][w];
+        const acc_t g_decay_prev = g[w] * decay[t][w] * prev;
+        ddt[t][w] += g_decay_prev * A_n[w] + g[w] * Bn[t][w] * x.u[t][w];
+        du[t][w] += g[w] * x.dt[t][w] * Bn[t][w];
         dA[w] += g_decay_prev * x.dt[t][w];
-        dB[t][w] = g[w] * x.dt[t][w] * x.u[t][w];
-        st[t][w] = dy[t][w] * st[t][w];  // st[t] is not needed any more: reuse it for dC_t
-        g[w] *= decay;
+        Bn[t][w] = g[w] * x.dt[t][w] * x.u[t][w];
+        st[t][w] = dy[t][w] * st[t][w];
+        g[w] *= decay[t][w];
       }
     }
-#pragma unroll
+GMAMBA_LANES
     for (int w = 0; w < W; ++w) {
       carry_out(n, w, g[w]);
       if (w < ls.active) a.dA_part[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] = dA[w];
     }
-    emit_bc(n, dB, st);
+    emit_bc(n, Bn, st);
   }
 
   // Per-step gradients of u, delta, z, and this chunk's partials of D and delta_bias.
-#pragma unroll
+GMAMBA_LANES
   for (int w = 0; w < W; ++w) {
     if (w >= ls.active) continue;
     const int64_t c = ls.c0 + w;
     const acc_t D = a.f.D ? a.f.D[c] : acc_t(0);
     const acc_t bias = a.f.delta_bias ? a.f.delta_bias[c] : acc_t(0);
     acc_t dD = 0, dbias = 0;
-#pragma unroll
+GMAMBA_UNROLL
     for (int t = 0; t < T; ++t) {
       if (t >= x.valid) continue;
       const int64_t i = s.x_index(ls.b, c, ls.k * T + t);
@@ -235,17 +261,17 @@ GMAMBA_HD void chunk_local_adjoint(const ScanBwdArgs<in_t, acc_t>& a, const Lane
   acc_t dy[T][W];
   load_dy<W>(a, ls, x.valid, dy);
   for (int64_t n = 0; n < a.f.s.dstate; ++n) {
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-      const acc_t A_n = a_at(a.f.A, ls, w, n, a.f.s.dstate);
-      acc_t g = acc_t(0);
-#pragma unroll
-      for (int t = T - 1; t >= 0; --t) {
-        g += bc_at(a.f.C, ls, w, n, t, x.valid) * dy[t][w];
-        g *= fast_exp(x.dt[t][w] * A_n);
-      }
-      out(n, w, g);
-    }
+    acc_t A_n[W], Cn[kChunk][W], decay[kChunk][W], g[W];
+GMAMBA_LANES
+    for (int w = 0; w < W; ++w) A_n[w] = a_at(a.f.A, ls, w, n, a.f.s.dstate), g[w] = acc_t(0);
+    load_bc_column(a.f.C, ls, n, x.valid, Cn);
+    decays(x.dt, A_n, decay);
+GMAMBA_UNROLL
+    for (int t = T - 1; t >= 0; --t)
+GMAMBA_LANES
+      for (int w = 0; w < W; ++w) g[w] = (g[w] + Cn[t][w] * dy[t][w]) * decay[t][w];
+GMAMBA_LANES
+    for (int w = 0; w < W; ++w) out(n, w, g[w]);
   }
 }
 
