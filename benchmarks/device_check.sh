@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU verification run, in one call on the lent GPU machine (python3.12, torch 2.11.0+cu130,
 # no network, no compiler use): installs the artefacts prebuilt by benchmarks/prepare_device.sh, prints
-# the card, runs the test suite (CUDA tests included) and a memory check of the kernels, then the GPU
-# benchmarks; everything it prints and measures lands in $OUT (JSON + Markdown + PNG + logs).
+# the card, runs the CUDA tests, the GPU benchmarks, a memory check of the kernels, the CPU tests and an
+# Nsight Compute profile; everything it prints and measures lands in $OUT (JSON + Markdown + PNG + logs).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -23,7 +23,7 @@ $PY -m gmamba_ext 2>&1 | tee -a "$OUT/env.txt"
 
 step "CUDA tests"
 timeout ${T_CUDA_TESTS:-200} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" -q -rs -p no:cacheprovider -n 4 \
-  --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
+  2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
 
 step "GPU benchmarks"
 timeout ${T_BENCH:-180} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" \
@@ -37,6 +37,9 @@ fi
 
 step "CPU tests on torch $($PY -c 'import torch; print(torch.__version__)') (oldest supported)"
 timeout ${T_CPU_TESTS:-60} $PY -m pytest "$REPO/python_tests" -q -p no:cacheprovider -n 8 \
-  --deselect "$REPO/python_tests/test_selective_scan_cuda.py" 2>&1 | tail -5 | tee "$OUT/tests_cpu.txt" || status=1
+  --ignore="$REPO/python_tests/test_selective_scan_cuda.py" 2>&1 | tail -5 | tee "$OUT/tests_cpu.txt" || status=1
+step "kernel profile (Nsight Compute)"
+T_NCU=${T_NCU:-120} bash "$REPO/benchmarks/profile_scan.sh" | grep -E "^  void|Duration|Registers Per|Achieved Occ" | head -60
+
 echo "device check finished with status $status"
 exit $status
