@@ -35,9 +35,11 @@ if command -v compute-sanitizer >/dev/null; then
     2>&1 | tail -8 | tee "$OUT/sanitizer.txt" || status=1
 fi
 
-step "CPU tests on torch $($PY -c 'import torch; print(torch.__version__)') (oldest supported)"
-timeout ${T_CPU_TESTS:-60} $PY -m pytest "$REPO/python_tests" -q -p no:cacheprovider -n 8 \
-  --ignore="$REPO/python_tests/test_selective_scan_cuda.py" 2>&1 | tail -5 | tee "$OUT/tests_cpu.txt" || status=1
+if [ "${T_CPU_TESTS:-120}" != 0 ]; then
+  step "CPU tests on torch $($PY -c 'import torch; print(torch.__version__)') (oldest supported)"
+  timeout ${T_CPU_TESTS:-120} $PY -m pytest "$REPO/python_tests" -q -p no:cacheprovider -n 8 \
+    --ignore="$REPO/python_tests/test_selective_scan_cuda.py" 2>&1 | tail -5 | tee "$OUT/tests_cpu.txt" || status=1
+fi
 step "kernel profile (Nsight Compute)"
 T_NCU=${T_NCU:-120} bash "$REPO/benchmarks/profile_scan.sh" | grep -E "^  void|Duration|Registers Per|Achieved Occ" | head -60
 
