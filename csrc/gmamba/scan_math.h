@@ -1,14 +1,21 @@
 #pragma once
 // Scalar math of the selective scan, shared by the CPU and CUDA kernels (and the C++ unit test).
 #include <cmath>
+#include <type_traits>
 
+#include "fast_exp.h"
 #include "macros.h"
 
 namespace gmamba {
 
 // softplus(v) = log(1 + e^v), linear above 20 like torch.nn.functional.softplus (avoids exp overflow).
+// Host float uses the vectorisable approximations of fast_exp.h (libm's scalar calls dominated the CPU
+// kernels at small d_state); device and double use the library functions.
 template <typename acc_t>
 GMAMBA_HD acc_t softplus(acc_t v) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<acc_t, float>) return host_softplus_approx(v);
+#endif
   using std::exp;
   using std::log1p;
   return v > acc_t(20) ? v : log1p(exp(v));
@@ -16,6 +23,9 @@ GMAMBA_HD acc_t softplus(acc_t v) {
 
 template <typename acc_t>
 GMAMBA_HD acc_t sigmoid(acc_t v) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<acc_t, float>) return host_sigmoid_approx(v);
+#endif
   using std::exp;
   return acc_t(1) / (acc_t(1) + exp(-v));
 }
