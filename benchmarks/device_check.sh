@@ -3,6 +3,8 @@
 # no network, no compiler use): installs the artefacts prebuilt by benchmarks/prepare_device.sh, prints
 # the card, runs the CUDA tests, the GPU benchmarks, a memory check of the kernels, the CPU tests and an
 # Nsight Compute profile; everything it prints and measures lands in $OUT (JSON + Markdown + PNG + logs).
+# Knobs (seconds; 0 skips a step): T_CUDA_TESTS, T_BENCH, T_SANITIZER, T_CPU_TESTS, T_NCU; BENCH_ARGS
+# (e.g. --quick) for bench_scan_gpu.py.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -26,7 +28,7 @@ timeout ${T_CUDA_TESTS:-200} $PY -m pytest "$REPO/python_tests/test_selective_sc
   2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
 
 step "GPU benchmarks"
-timeout ${T_BENCH:-180} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" \
+timeout ${T_BENCH:-180} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" ${BENCH_ARGS:-} \
   --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -60 || status=1
 
 step "memory check (compute-sanitizer memcheck, small shapes)"
@@ -40,8 +42,10 @@ if [ "${T_CPU_TESTS:-120}" != 0 ]; then
   timeout ${T_CPU_TESTS:-120} $PY -m pytest "$REPO/python_tests" -q -p no:cacheprovider -n 8 \
     --ignore="$REPO/python_tests/test_selective_scan_cuda.py" 2>&1 | tail -5 | tee "$OUT/tests_cpu.txt" || status=1
 fi
-step "kernel profile (Nsight Compute)"
-T_NCU=${T_NCU:-120} bash "$REPO/benchmarks/profile_scan.sh" | grep -E "^  void|Duration|Registers Per|Achieved Occ" | head -60
+if [ "${T_NCU:-120}" != 0 ]; then
+  step "kernel profile (Nsight Compute)"
+  T_NCU=${T_NCU:-120} bash "$REPO/benchmarks/profile_scan.sh" | grep -E "^  void|Duration|Registers Per|Achieved Occ" | head -60
+fi
 
 echo "device check finished with status $status"
 exit $status
