@@ -342,6 +342,26 @@ def check_forward(c, seed=0, device="cpu", tol=None):
     return out
 
 
+def gradcheck_case(c, seed=0, names=DIFF_NAMES, fast_mode=False, device="cpu", output=None):
+    """float64 gradcheck of the op for case c w.r.t. the present inputs among `names`; output "both",
+    "out" or "last" (default: both when c asks for last_state, else out)."""
+    t = make_inputs(c, seed=seed, device=device)
+    present = [k for k in DIFF_NAMES if t[k] is not None]
+    wrt = [k for k in present if k in names]
+    leaves = [t[k].detach().clone().requires_grad_(True) for k in wrt]
+    output = output or ("both" if c["last_state"] else "out")
+
+    def fn(*xs):
+        kw = dict(t)
+        kw.update(zip(wrt, xs))
+        out, last = api(c)(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
+                           delta_bias=kw["delta_bias"], delta_softplus=c["softplus"], return_last_state=True,
+                           initial_state=kw["initial_state"])
+        return {"both": (out, last), "out": out, "last": last}[output]
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast_mode)
+
+
 def random_cotangents(c, t, seed, with_dlast):
     g = torch.Generator().manual_seed(seed + 1000)
     out_shape = t["u"].shape

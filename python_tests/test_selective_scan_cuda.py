@@ -10,8 +10,8 @@ import torch
 
 import gmamba_ext
 from conftest import (DIFF_NAMES, FWD_TOL, GRAD_TOL, LOWP, api, assert_close64, assert_grads_close, case,
-                      case_id, check_backward, check_forward, make_inputs, op_grads, random_cases,
-                      random_cotangents, raw_fwd_args, run_op)
+                      case_id, check_backward, check_forward, gradcheck_case, make_inputs, op_grads,
+                      random_cases, random_cotangents, raw_fwd_args, run_op)
 
 DEVICE = "cuda"
 CUDA_AVAILABLE = torch.cuda.is_available()
@@ -99,17 +99,7 @@ def test_cuda_grads_vs_reference(c):
 def test_cuda_gradcheck_float64(layout, b_mode, c_mode):
     c = case(batch=2, d=4, L=19, N=3, dtype=torch.float64, layout=layout, b_mode=b_mode, c_mode=c_mode,
              groups=2, **full)
-    t = make_inputs(c, seed=0, device=DEVICE)
-    names = [k for k in DIFF_NAMES if t[k] is not None]
-    leaves = [t[k].detach().clone().requires_grad_(True) for k in names]
-
-    def fn(*xs):
-        kw = dict(zip(names, xs))
-        return api(c)(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
-                      delta_bias=kw["delta_bias"], delta_softplus=True, return_last_state=True,
-                      initial_state=kw["initial_state"])
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    gradcheck_case(c, seed=0, device=DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------------------

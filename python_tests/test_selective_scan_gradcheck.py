@@ -5,26 +5,9 @@ last_state, for variable / grouped / constant / mixed B and C, both layouts. L =
 import pytest
 import torch
 
-from conftest import DIFF_NAMES, api, case, case_id, make_inputs
+from conftest import case, case_id, gradcheck_case
 
 f64 = torch.float64
-
-
-def gradcheck_case(c, seed=0, names=DIFF_NAMES, fast_mode=False):
-    t = make_inputs(c, seed=seed)
-    present = [k for k in DIFF_NAMES if t[k] is not None]
-    wrt = [k for k in present if k in names]
-    leaves = [t[k].detach().clone().requires_grad_(True) for k in wrt]
-
-    def fn(*xs):
-        kw = dict(t)
-        kw.update(zip(wrt, xs))
-        out, last = api(c)(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
-                           delta_bias=kw["delta_bias"], delta_softplus=c["softplus"], return_last_state=True,
-                           initial_state=kw["initial_state"])
-        return (out, last) if c["last_state"] else out
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast_mode)
 
 
 full = dict(D=True, z=True, delta_bias=True, softplus=True, initial_state=True, last_state=True)
@@ -74,15 +57,4 @@ def test_gradcheck_subset_requiring_grad(names):
 
 def test_gradcheck_last_state_only():
     """A function of last_state alone (out discarded)."""
-    c = case(batch=2, d=4, L=19, N=3, dtype=f64, **full)
-    t = make_inputs(c, seed=5)
-    names = [k for k in DIFF_NAMES if t[k] is not None]
-    leaves = [t[k].detach().clone().requires_grad_(True) for k in names]
-
-    def fn(*xs):
-        kw = dict(zip(names, xs))
-        return api(c)(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
-                      delta_bias=kw["delta_bias"], delta_softplus=True, return_last_state=True,
-                      initial_state=kw["initial_state"])[1]
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    gradcheck_case(case(batch=2, d=4, L=19, N=3, dtype=f64, **full), seed=5, output="last")
