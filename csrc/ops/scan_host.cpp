@@ -56,7 +56,7 @@ int64_t check_bc(const at::Tensor& t, const ScanShape& s, const char* name) {
     return 0;
   }
   TORCH_CHECK_VALUE(dims == 3 || dims == 4, kOp, ": argument '", name,
-                    "' must be (d, N), or variable (B, N, L) / (B, G, N L) ((B, L, N) / (B, L, G, N) in the "
+                    "' must be (d, N), or variable (B, N, L) / (B, G, N, L) ((B, L, N) / (B, L, G, N) in the "
                     "channels-last form), got ", dims, " dimensions");
   const int64_t groups = dims == 4 ? (s.channels_last ? t.size(2) : t.size(1)) : 1;
   TORCH_CHECK_VALUE(groups > 0 && s.dim % groups == 0, kOp, ": the channel count d=", s.dim,
