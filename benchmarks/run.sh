@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import torch' 2>/dev/null; then
   [ -x .venv-bench/bin/python ] || python3 -m venv .venv-bench
-  PY=.venv-bench/bin/python
+  PY=$PWD/.venv-bench/bin/python  # absolute: the benchmarks run from benchmarks/out
   "$PY" -m pip install -q "torch>=2.11,<=2.14.1" numpy ninja
 fi
 "$PY" -m pip install -q mambapy matplotlib || echo "mambapy/matplotlib unavailable: those columns are skipped"
