@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import selective_scan_ref
+from .reference import accumulation_dtype, selective_scan_ref
 
 __all__ = ["GSSMConfig", "GSSMParams", "gssm_ref", "gssm_stages", "fem_low_mask", "fem_split",
            "VARIANTS", "MASKS", "DIRECTIONS"]
@@ -399,10 +399,6 @@ def fem_low_mask(H: int, W: int, mask: str = "corner", device=None, dtype=torch.
     return (rows[:, None] & cols[None, :]).to(device=device, dtype=dtype)
 
 
-def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def fem_split(x1: Tensor, mask: str = "corner") -> Tuple[Tensor, Tensor]:
     """low, high of x1 (B, d, H, W): low = irfft2(M * rfft2(x1), s=(H, W)) (norm "backward"),
     high = x1 - low. An empty mask gives low = 0 (no FFT)."""
@@ -410,7 +406,7 @@ def fem_split(x1: Tensor, mask: str = "corner") -> Tuple[Tensor, Tensor]:
     Wr = W // 2 + 1
     if H // 4 == 0 or Wr // 4 == 0:
         return torch.zeros_like(x1), x1
-    xf = x1.to(_fft_dtype(x1.dtype))
+    xf = x1.to(accumulation_dtype(x1.dtype))
     M = fem_low_mask(H, W, mask, device=x1.device, dtype=xf.dtype)
     X = torch.fft.rfft2(xf, dim=(-2, -1), norm="backward")
     low = torch.fft.irfft2(M * X, s=(H, W), dim=(-2, -1), norm="backward").to(x1.dtype)
@@ -554,7 +550,7 @@ def gssm_stages(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optio
             delta = _lin(dl, sp["dt_w"])
         else:
             delta = _lin(dl, sp["dt_w"], sp["dt_b"])
-        A = -torch.exp(sp["A_log"].to(_fft_dtype(dt)))
+        A = -torch.exp(sp["A_log"].to(accumulation_dtype(dt)))
         s0 = initial_state[k] if initial_state is not None else None
         yk = selective_scan_ref(u, delta.transpose(1, 2), A, Bt.transpose(1, 2).contiguous(),
                                 Ct.transpose(1, 2).contiguous(), D=sp["D"], delta_bias=sp["dt_b"],

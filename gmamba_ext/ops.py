@@ -24,10 +24,6 @@ CHUNK = 16
 _OPS = "gmamba_ext::"
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _kernel_device_types() -> frozenset:
     """Device types with a compiled scan kernel, looked up once: a plain set keeps the wrappers traceable
     by torch.compile (the dispatcher query itself is not)."""
@@ -66,7 +62,7 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
     u = _require_tensor(u, "u")
     if not u.is_floating_point():
         raise TypeError(f"selective_scan: argument 'u' must be a floating-point tensor, got {u.dtype}")
-    acc = _acc_dtype(u.dtype)
+    acc = reference.accumulation_dtype(u.dtype)
     delta = _require_tensor(delta, "delta").contiguous()
     z = _require_tensor(z, "z", optional=True)
     args = (u.contiguous(), delta, _weight(A, "A", acc), _weight(B, "B", acc), _weight(C, "C", acc),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan_ref"]
+__all__ = ["selective_scan_ref", "accumulation_dtype"]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of states, sums and weights for inputs of `dtype`: float64 for float64, else float32
+    (the kernels' rule too: csrc/ops/scan_host.cpp, acc_type_for)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -33,7 +35,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     inputs); the output has u's dtype; last_state is (B, d, N) in the accumulation dtype.
     """
     dtype_in = u.dtype
-    acc = _acc_dtype(dtype_in)
+    acc = accumulation_dtype(dtype_in)
     if channels_last:
         u, delta = u.transpose(1, 2), delta.transpose(1, 2)
         z = z.transpose(1, 2) if z is not None else None

@@ -38,7 +38,7 @@ void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
       // last_state holds initial_state (or zeros) on entry: the scan starts from it.
       for (int64_t n = 0; n < s.dstate; ++n)
         for (int w = 0; w < kLanes; ++w)
-          state[n * kLanes + w] = w < ls.active ? a.last_state[(ls.b * s.dim + ls.c0 + w) * s.dstate + n] : 0;
+          state[n * kLanes + w] = w < ls.active ? a.last_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
       auto read = [&](int64_t n, int w) { return state[n * kLanes + w]; };
       auto write = [&](int64_t n, int w, acc_t v) { state[n * kLanes + w] = v; };
       for (ls.k = 0; ls.k < s.nchunks; ++ls.k) {
@@ -51,7 +51,7 @@ void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
       }
       for (int64_t n = 0; n < s.dstate; ++n)
         for (int w = 0; w < ls.active; ++w)
-          a.last_state[(ls.b * s.dim + ls.c0 + w) * s.dstate + n] = state[n * kLanes + w];
+          a.last_state[s.state_index(ls.b, ls.c0 + w, n)] = state[n * kLanes + w];
     }
   });
 }
@@ -65,10 +65,9 @@ void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
     for (int64_t task = begin; task < end; ++task) {
       LaneSet ls = tasks.lanes(s, task);
       // dinitial_state holds dlast_state (or zeros) on entry: the adjoint of the final state.
-      auto state_index = [&](int64_t n, int w) { return (ls.b * s.dim + ls.c0 + w) * s.dstate + n; };
       for (int64_t n = 0; n < s.dstate; ++n)
         for (int w = 0; w < kLanes; ++w)
-          carry[n * kLanes + w] = w < ls.active ? a.dinitial_state[state_index(n, w)] : 0;
+          carry[n * kLanes + w] = w < ls.active ? a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
       auto ckpt = [&](int64_t n, int w) {
         return w < ls.active ? a.f.checkpoints[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] : acc_t(0);
       };
@@ -103,7 +102,7 @@ void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
         chunk_backward(a, ls, x, ckpt, carry_in, carry_out, emit);
       }
       for (int64_t n = 0; n < s.dstate; ++n)
-        for (int w = 0; w < ls.active; ++w) a.dinitial_state[state_index(n, w)] = carry[n * kLanes + w];
+        for (int w = 0; w < ls.active; ++w) a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] = carry[n * kLanes + w];
     }
   });
 }

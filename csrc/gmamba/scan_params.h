@@ -37,6 +37,8 @@ struct ScanShape {
     return ((b * nchunks + k) * dstate + n) * dim + c;
   }
   GMAMBA_HD int64_t chunk_index(int64_t b, int64_t k, int64_t c) const { return (b * nchunks + k) * dim + c; }
+  // initial_state, last_state and their gradients: (B, d, N).
+  GMAMBA_HD int64_t state_index(int64_t b, int64_t c, int64_t n) const { return (b * dim + c) * dstate + n; }
 };
 
 template <typename in_t, typename acc_t>
