@@ -63,3 +63,12 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if channels_last:
         out = out.transpose(1, 2)
     return (out, state) if return_last_state else out
+
+
+def __getattr__(name):
+    """The GSSM mixer's oracle lives in gmamba_ext.gssm_reference (it builds on this module); it is reachable
+    here too, as `gmamba_ext.reference.gssm_ref`."""
+    if name in ("gssm_ref", "gssm_stages", "GSSMConfig", "GSSMParams"):
+        from . import gssm_reference
+        return getattr(gssm_reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,26 +9,13 @@ import torch.nn.functional as F
 
 from gmamba_ext.gssm_reference import (GSSMConfig, GSSMParams, fem_low_mask, fem_split, gssm_ref,
                                        gssm_stages)
+from gssm_helpers import make, perturb
 
 f64 = torch.float64
 FREQ_KEYS = [k for k in GSSMParams.init(GSSMConfig(16)).to_state_dict()
              if k.startswith("freq_") or k == "freq_ratio"]
 RECAL_KEYS = [k for k in FREQ_KEYS if k.startswith("freq_ssm.")]
 GATE_FGMM_KEYS = [k for k in FREQ_KEYS if k.startswith(("freq_gate.", "freq_adaptive.")) or k == "freq_ratio"]
-
-
-def make(C=16, seed=0, **kw):
-    cfg = GSSMConfig(C, **kw)
-    g = torch.Generator().manual_seed(seed)
-    p = GSSMParams.init(cfg, generator=g, dtype=f64)
-    # randomise the constant inits so that every parameter matters
-    sd = {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=f64) if k.endswith(("D", "freq_ratio",
-          "low_freq_weight", "high_freq_weight")) or "D_" in k else v for k, v in p.to_state_dict().items()}
-    return cfg, GSSMParams.from_state_dict(sd, cfg), g
-
-
-def perturb(p, keys, g):
-    return p.replace(**{k: p[k] + torch.randn(p[k].shape, generator=g, dtype=f64) for k in keys})
 
 
 # ---------------------------------------------------------------- independent hand computation ---------

@@ -13,4 +13,18 @@ TORCH_LIBRARY(gmamba_ext, m) {
       "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, "
       "bool delta_softplus, bool channels_last) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // GSSM stages around the scan. conv_silu: xz (B, L, 2d) -> silu(depthwise "same" conv) of its halves
+  // (x1, z1); weight (2d, K), bias (2d,).
+  m.def("conv_silu_fwd(Tensor xz, Tensor weight, Tensor bias) -> (Tensor, Tensor)");
+  m.def("conv_silu_bwd(Tensor dx1, Tensor dz1, Tensor xz, Tensor weight, Tensor bias) -> (Tensor, Tensor, Tensor)");
+  // FGMM with the global gate: returns (x2, s, a, g); w1 (d/4, d), b1, w2 (2, d/4), b2, ratio ().
+  m.def(
+      "fgmm_fwd(Tensor x1, Tensor f, Tensor c, Tensor gate_logit, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor ratio) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (dx1, df, dc, dgate_logit, dw1, db1, dw2, db2, dratio).
+  m.def(
+      "fgmm_bwd(Tensor dx2, Tensor x1, Tensor f, Tensor c, Tensor gate_logit, Tensor s, Tensor a, Tensor g, "
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor ratio) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

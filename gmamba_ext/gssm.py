@@ -1,0 +1,239 @@
+"""`gssm(x, params)`: the GSSM mixer of GSSM_SPEC.md as one differentiable function, built from GEMMs
+(ATen: cuBLAS / oneDNN), FFTs (ATen: cuFFT / pocketfft) and the package's fused ops (conv_silu, fgmm,
+selective_scan_channels_last). Tokens stay channels-last (B, L, ch) from in_proj to out_proj.
+
+Exact algebra used instead of the spec's literal steps (same function, fewer passes):
+- FEM low-pass: rfft along W keeps only the floor(Wr/4) low columns before the FFT along H (a pruned
+  transform), and the inverse transforms zero-pad the kept block ("corner": the inverse FFT along H pads
+  the n kept rows; "symmetric": a row mask). `high = x1 - low` is never formed:
+- the FEM fusion layer folds: [x1, lf, hf] W_f1^T + b_f1 = x1 Px^T + low Pl^T + c0 with
+  Px = W1a + sh W1c W_hp, Pl = sl W1b W_lp - sh W1c W_hp, c0 = b_f1 + sl W1b b_lp + sh W1c b_hp
+  (W_f1 = [W1a | W1b | W1c], sl / sh the sigmoids of the low / high weights): the two d x d projections of
+  low and high disappear. P's are recomputed from the parameters each call (cheap, differentiable).
+- The global gate's and FGMM's first layers both read F: one GEMM with the two weights stacked.
+- out_proj on [y | z1] is y Wy^T + z1 Wz^T accumulated in one addmm: no concatenation.
+
+Precision: the computation runs in x's dtype (parameters are cast to it), or under torch.autocast in the
+autocast dtype (x and parameters are cast on entry, autocast is then off inside). FFTs run in float32
+(float64 for float64): cuFFT's half-precision transforms only take powers of two. The conv, FGMM and the
+scan accumulate in float32 (float64 for float64); the scan state is float32. The result has x's layout and
+the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .gssm_ops import conv_silu, fgmm
+from .gssm_reference import GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys
+from .ops import selective_scan_channels_last
+from .reference import accumulation_dtype
+
+__all__ = ["gssm", "config_for", "as_params"]
+
+
+def _config_from_shapes(get, options: dict) -> GSSMConfig:
+    """The GSSMConfig whose sizes match the tensors `get(key)` returns (None for a missing key)."""
+    dims = {"in_proj.weight": 2, "A_log": 2, "conv1d_x.weight": 3, "dt_proj.weight": 2}
+    for key, n in dims.items():
+        t = get(key)
+        if not isinstance(t, Tensor) or t.dim() != n:
+            got = tuple(t.shape) if isinstance(t, Tensor) else ("missing" if t is None else type(t).__name__)
+            raise ValueError(f"params: '{key}' must be a {n}-D tensor (the release's shapes), got {got}")
+    E, C = get("in_proj.weight").shape
+    expand = E / C
+    if int(expand * C) != E:  # float rounding below E: step up by one ulp
+        expand = math.nextafter(expand, math.inf)
+    return GSSMConfig(d_model=C, expand=expand, d_state=get("A_log").shape[1],
+                      d_conv=get("conv1d_x.weight").shape[-1], dt_rank=get("dt_proj.weight").shape[1], **options)
+
+
+def config_for(params: GSSMParams, variant: str = "full", mask: str = "corner", directions: str = "uni",
+               single_dt_bias: bool = False) -> GSSMConfig:
+    """The GSSMConfig that `params` were made for (sizes read from the tensors' shapes), with the given
+    options; ValueError naming the keys if the tensors do not fit it."""
+    options = dict(variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias)
+    config = _config_from_shapes(lambda key: params[key], options)
+    params.check(config)
+    return config
+
+
+def as_params(params, options: dict) -> GSSMParams:
+    """GSSMParams from a GSSMParams, a module with `gssm_params()`, or a state_dict (release keys, any prefix)."""
+    if isinstance(params, GSSMParams):
+        return params
+    if hasattr(params, "gssm_params"):
+        return params.gssm_params()
+    if isinstance(params, Mapping):
+        prefix = _detect_prefix(list(params))
+        config = _config_from_shapes(lambda key: params.get(prefix + key), options)
+        return GSSMParams.from_state_dict(params, config, prefix=prefix)
+    raise ValueError(f"params must be a GSSMParams, a GSSM module or a state_dict, got {type(params).__name__}")
+
+
+def _check_devices(params: GSSMParams, device: torch.device) -> None:
+    for key, t in params.to_state_dict().items():
+        if t.device != device:
+            raise ValueError(f"gssm: parameter '{key}' is on {t.device} but x is on {device}; move the "
+                             f"parameters to x's device")
+
+
+def _fem_low(x1: Tensor, H: int, W: int, mask: str) -> Optional[Tensor]:
+    """low = irfft2(M * rfft2(x1)) as (B, L, d) in x1's dtype, or None when the mask is empty."""
+    B, L, d = x1.shape
+    n, ncol = H // 4, (W // 2 + 1) // 4
+    if n == 0 or ncol == 0:
+        return None
+    if B == 0:  # pocketfft / MKL reject empty batches
+        return torch.zeros_like(x1)
+    xf = x1.reshape(B, H, W, d).to(accumulation_dtype(x1.dtype))
+    X = torch.fft.fft(torch.fft.rfft(xf, dim=2)[:, :, :ncol], dim=1)  # (B, H, ncol, d)
+    if mask == "corner":
+        Y = torch.fft.ifft(X[:, :n], n=H, dim=1)  # the kept rows u < n, zero-padded
+    else:
+        top, bottom = (n + 1) // 2, n // 2
+        rows = torch.zeros(H, dtype=X.real.dtype, device=X.device)
+        rows[:top] = 1
+        if bottom:
+            rows[H - bottom:] = 1
+        Y = torch.fft.ifft(X * rows[:, None, None], dim=1)
+    return torch.fft.irfft(Y, n=W, dim=2).reshape(B, L, d).to(x1.dtype)
+
+
+def _direction(u: Tensor, k: int, H: int, W: int, inverse: bool = False) -> Tensor:
+    """Tokens (B, L, d) from raster order into direction k's scan order (or back with inverse=True):
+    0 raster, 1 reversed raster, 2 column-major, 3 reversed column-major."""
+    if k == 0:
+        return u
+    if k == 1:
+        return u.flip(1)
+    B, L, d = u.shape
+    if inverse:
+        v = u.flip(1) if k == 3 else u
+        return v.reshape(B, W, H, d).transpose(1, 2).reshape(B, L, d)
+    v = u.reshape(B, H, W, d).transpose(1, 2).reshape(B, L, d)
+    return v.flip(1) if k == 3 else v
+
+
+def _fem_fusion_weights(p, d: int):
+    """Px, Pl, c0 of the folded fusion layer (module docstring)."""
+    W1 = p("freq_ssm.freq_fusion.0.weight")
+    W1a, W1b, W1c = W1[:, :d], W1[:, d:2 * d], W1[:, 2 * d:]
+    sl = torch.sigmoid(p("freq_ssm.low_freq_weight"))
+    sh = torch.sigmoid(p("freq_ssm.high_freq_weight"))
+    Whp, Wlp = p("freq_ssm.high_freq_proj.weight"), p("freq_ssm.low_freq_proj.weight")
+    hp = sh * (W1c @ Whp)
+    Px = W1a + hp
+    Pl = sl * (W1b @ Wlp) - hp
+    c0 = p("freq_ssm.freq_fusion.0.bias") + sl * (W1b @ p("freq_ssm.low_freq_proj.bias")) \
+        + sh * (W1c @ p("freq_ssm.high_freq_proj.bias"))
+    return Px, Pl, c0
+
+
+def _initial_states(initial_state, n: int) -> List[Optional[Tensor]]:
+    if initial_state is None:
+        return [None] * n
+    if isinstance(initial_state, Tensor):
+        if n != 1:
+            raise ValueError(f"gssm: initial_state must be a list of {n} (B, d, N) tensors (one per scan "
+                             f"direction), got one tensor")
+        return [initial_state]
+    if not isinstance(initial_state, Sequence) or len(initial_state) != n:
+        raise ValueError(f"gssm: initial_state must be None, a (B, d, N) tensor (directions='uni') or a list of "
+                         f"{n} tensors/None, got {type(initial_state).__name__}")
+    return list(initial_state)
+
+
+def gssm(x: Tensor, params: Union[GSSMParams, Mapping, "torch.nn.Module"], *, variant: str = "full",
+         mask: str = "corner", directions: str = "uni", initial_state=None, single_dt_bias: bool = False,
+         layout: Optional[str] = None) -> Tensor:
+    """The GSSM mixer. x: (B, H, W, C) channels-last tokens, or (B, C, H, W) in torch.channels_last memory
+    format (read without a copy; the result is then (B, C, H, W), channels_last too). params: GSSMParams, a
+    state_dict with the release's keys (any prefix), or a module with `gssm_params()`. variant: "full",
+    "ssm", "fem_ssm", "dft_fgmm_ssm"; mask: "corner", "symmetric"; directions: "uni", "bi", "four";
+    initial_state: None, a (B, d, N) scan state, or a list with one per direction. See the module docstring
+    for precisions; gmamba_ext.gssm_reference.gssm_ref is the plain-PyTorch oracle."""
+    options = dict(variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias)
+    params = as_params(params, options)
+    config = config_for(params, **options)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"gssm: x must be a tensor, got {type(x).__name__}")
+    _check_devices(params, x.device)
+    states = _initial_states(initial_state, config.n_directions)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _gssm(x.to(dtype) if x.is_floating_point() else x, params, config, layout, states)
+    return _gssm(x, params, config, layout, states)
+
+
+def _gssm(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[str],
+          states: List[Optional[Tensor]]) -> Tensor:
+    C, d = config.d_model, config.d
+    h, bchw = _parse_input(x, C, layout)
+    B, H, W, _ = h.shape
+    L = H * W
+    dt = h.dtype
+    p = lambda key: params[key].to(dt)  # noqa: E731
+
+    # 1-2. in_proj, then conv + SiLU of both halves in one pass
+    xz = F.linear(h.reshape(B, L, C), p("in_proj.weight"))
+    conv_w = torch.cat([params.conv1d_x_weight, params.conv1d_z_weight]).reshape(2 * d, -1)
+    conv_b = torch.cat([params.conv1d_x_bias, params.conv1d_z_bias])
+    x1, z1 = conv_silu(xz, conv_w, conv_b)
+
+    variant = config.variant
+    if variant == "ssm":
+        x2 = x1
+    else:
+        # 3. FEM
+        low = _fem_low(x1, H, W, config.mask)
+        if variant == "dft_fgmm_ssm":
+            Fm = low if low is not None else torch.zeros_like(x1)
+        else:
+            Px, Pl, c0 = _fem_fusion_weights(p, d)
+            pre = torch.addmm(c0, x1.reshape(B * L, d), Px.t())
+            if low is not None:
+                pre = torch.addmm(pre, low.reshape(B * L, d), Pl.t())
+            Fm = F.linear(F.relu(pre), p("freq_ssm.freq_fusion.2.weight"),
+                          p("freq_ssm.freq_fusion.2.bias")).reshape(B, L, d)
+        if variant == "fem_ssm":
+            x2 = x1 + Fm
+        else:
+            # 4-6. global gate and FGMM: one GEMM for both first layers, then the fused op
+            E4 = config.E // 4
+            wg1, wc1 = p("freq_gate.0.weight"), p("freq_adaptive.freq_conv.0.weight").reshape(-1, d)
+            hid = F.relu(F.linear(Fm, torch.cat([wg1, wc1]),
+                                  torch.cat([p("freq_gate.0.bias"), p("freq_adaptive.freq_conv.0.bias")])))
+            gate_logit = F.linear(hid[..., :E4], p("freq_gate.2.weight"), p("freq_gate.2.bias")).reshape(B, L)
+            c = F.linear(hid[..., E4:], p("freq_adaptive.freq_conv.2.weight").reshape(d, -1),
+                         p("freq_adaptive.freq_conv.2.bias"))
+            x2 = fgmm(x1, Fm, c, gate_logit, params.freq_adaptive_adaptive_weight_1_weight,
+                      params.freq_adaptive_adaptive_weight_1_bias, params.freq_adaptive_adaptive_weight_3_weight,
+                      params.freq_adaptive_adaptive_weight_3_bias, params.freq_ratio)[0]
+
+    # 7. selective scan per direction (channels last, softplus and delta_bias folded in)
+    R, N = config.R, config.d_state
+    y = None
+    for k in range(config.n_directions):
+        keys = _scan_keys(k)
+        u = _direction(x2, k, H, W)
+        x_dbl = F.linear(u, p(keys["x_proj"]))
+        dt_b = params[keys["dt_b"]]
+        delta = F.linear(x_dbl[..., :R], p(keys["dt_w"]), None if config.single_dt_bias else dt_b.to(dt))
+        A = -torch.exp(params[keys["A_log"]].to(accumulation_dtype(dt)))
+        yk = selective_scan_channels_last(u, delta, A, x_dbl[..., R:R + N], x_dbl[..., R + N:], D=params[keys["D"]],
+                                          delta_bias=dt_b, delta_softplus=True, initial_state=states[k])
+        yk = _direction(yk, k, H, W, inverse=True)
+        y = yk if y is None else y + yk
+
+    # 8. out_proj on [y | z1] without concatenating
+    w_out = p("out_proj.weight")
+    out = torch.addmm(F.linear(y.reshape(B * L, d), w_out[:, :d]), z1.reshape(B * L, d), w_out[:, d:].t())
+    out = out.reshape(B, H, W, C)
+    return out.permute(0, 3, 1, 2) if bchw else out

@@ -1,0 +1,28 @@
+"""Random GSSM parameters for the tests: the spec's initialisation with its constant entries (D, freq_ratio,
+the low/high weights) randomised, so that every parameter changes the output."""
+import torch
+
+from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams
+
+f64 = torch.float64
+
+
+def make(C=16, seed=0, dtype=f64, **kw):
+    """(config, params, generator) for GSSMConfig(C, **kw)."""
+    cfg = GSSMConfig(C, **kw)
+    g = torch.Generator().manual_seed(seed)
+    p = GSSMParams.init(cfg, generator=g, dtype=f64)
+    sd = {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=f64) if k.endswith(("D", "freq_ratio",
+          "low_freq_weight", "high_freq_weight")) or "D_" in k else v for k, v in p.to_state_dict().items()}
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    return cfg, GSSMParams.from_state_dict(sd, cfg), g
+
+
+def perturb(p, keys, g):
+    return p.replace(**{k: p[k] + torch.randn(p[k].shape, generator=g, dtype=f64) for k in keys})
+
+
+def cast(p, dtype=None, device=None):
+    """The same parameters in another dtype / on another device."""
+    return GSSMParams(**{k: (v.to(dtype=dtype, device=device) if v is not None else None)
+                         for k, v in vars(p).items()})
