@@ -459,11 +459,13 @@ def _parse_input(x: Tensor, C: int, layout: Optional[str]) -> Tuple[Tensor, bool
 
 
 def gssm_stages(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[str] = None,
-                initial_state: Optional[List[Optional[Tensor]]] = None) -> Dict[str, Tensor]:
+                initial_state: Optional[List[Optional[Tensor]]] = None, scan=None) -> Dict[str, Tensor]:
     """The forward of the spec, returning its intermediates as a dict (token tensors as (B, L, ch), raster
     order): x0, z0, x1, z1, [low, high (B, d, H, W), F, g (B,), F2, s (B, d), a (B, 2), xf], x2,
     y_k (per direction, raster order), y, out (the input's layout). initial_state: optional per-direction
-    list of (B, d, N) scan states."""
+    list of (B, d, N) scan states. scan: the selective scan to call, with mamba-ssm's `selective_scan_fn`
+    signature (default selective_scan_ref; benchmarks pass mamba-ssm's or mambapy's to build the unfused
+    composition users write today)."""
     if not isinstance(config, GSSMConfig):
         raise ValueError(f"config must be a GSSMConfig, got {type(config).__name__}")
     C, d, K = config.d_model, config.d, config.d_conv
@@ -552,9 +554,10 @@ def gssm_stages(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optio
             delta = _lin(dl, sp["dt_w"], sp["dt_b"])
         A = -torch.exp(sp["A_log"].to(accumulation_dtype(dt)))
         s0 = initial_state[k] if initial_state is not None else None
-        yk = selective_scan_ref(u, delta.transpose(1, 2), A, Bt.transpose(1, 2).contiguous(),
-                                Ct.transpose(1, 2).contiguous(), D=sp["D"], delta_bias=sp["dt_b"],
-                                delta_softplus=True, initial_state=s0)
+        extra = {} if s0 is None else dict(initial_state=s0)
+        yk = (scan or selective_scan_ref)(u, delta.transpose(1, 2), A, Bt.transpose(1, 2).contiguous(),
+                                          Ct.transpose(1, 2).contiguous(), D=sp["D"], delta_bias=sp["dt_b"],
+                                          delta_softplus=True, **extra)
         if perm is not None:
             yk = yk.index_select(2, torch.argsort(perm))
         st[f"y_{k}"] = yk.transpose(1, 2)
@@ -571,7 +574,7 @@ def gssm_stages(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optio
 
 
 def gssm_ref(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[str] = None,
-             initial_state: Optional[List[Optional[Tensor]]] = None) -> Tensor:
+             initial_state: Optional[List[Optional[Tensor]]] = None, scan=None) -> Tensor:
     """GSSM mixer forward. x: (B, H, W, C), or (B, C, H, W) in channels_last memory format (the output then
-    is (B, C, H, W), channels_last). Returns the input's layout and dtype."""
-    return gssm_stages(x, params, config, layout=layout, initial_state=initial_state)["out"]
+    is (B, C, H, W), channels_last). Returns the input's layout and dtype. scan: see gssm_stages."""
+    return gssm_stages(x, params, config, layout=layout, initial_state=initial_state, scan=scan)["out"]

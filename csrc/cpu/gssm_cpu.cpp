@@ -31,6 +31,23 @@ void for_each_tile(int64_t batch, int64_t len, const Fn& fn) {
 #define GMAMBA_DISPATCH_CPU(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
+// pre[c] = bias[c] + sum_k w[k, c] x[l + k - left, c] for one token l, every channel: taps outer, channels
+// inner (contiguous, SIMD), which GCC vectorises where a per-element tap loop with bounds checks is not.
+template <typename in_t, typename acc_t>
+inline void conv_row(const in_t* x, const acc_t* wt, const acc_t* bias, int64_t l, const ConvShape& s, acc_t* pre) {
+  const int64_t ch = s.channels;
+  GMAMBA_LANES
+  for (int64_t c = 0; c < ch; ++c) pre[c] = bias[c];
+  for (int64_t k = 0; k < s.width; ++k) {
+    const int64_t src = l + k - s.left;
+    if (src < 0 || src >= s.len) continue;
+    const in_t* xr = x + src * ch;
+    const acc_t* wk = wt + k * ch;
+    GMAMBA_LANES
+    for (int64_t c = 0; c < ch; ++c) pre[c] += wk[c] * static_cast<acc_t>(xr[c]);
+  }
+}
+
 void conv_fwd_cpu(const at::Tensor& xz, const at::Tensor& wt, const at::Tensor& bias, const ConvShape& s,
                   const at::Tensor& x1, const at::Tensor& z1) {
   GMAMBA_DISPATCH_CPU(xz.scalar_type(), "conv_silu_fwd_cpu", [&] {
@@ -41,13 +58,16 @@ void conv_fwd_cpu(const at::Tensor& xz, const at::Tensor& wt, const at::Tensor& 
     for_each_tile(s.batch, s.len, [&](int64_t b, int64_t, int64_t l0, int64_t l1) {
       const scalar_t* x = xz.data_ptr<scalar_t>() + b * s.len * ch;
       scalar_t* out[2] = {x1.data_ptr<scalar_t>() + b * s.len * d, z1.data_ptr<scalar_t>() + b * s.len * d};
-      for (int64_t l = l0; l < l1; ++l)
+      std::vector<acc_t> pre(ch);
+      for (int64_t l = l0; l < l1; ++l) {
+        conv_row(x, w, bs, l, s, pre.data());
         for (int half = 0; half < 2; ++half) {
           scalar_t* o = out[half] + l * d;
+          const acc_t* p = pre.data() + half * d;
           GMAMBA_LANES
-          for (int64_t c = 0; c < d; ++c)
-            o[c] = static_cast<scalar_t>(silu(conv_pre(x, w, bs[half * d + c], l, half * d + c, s)));
+          for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(silu(p[c]));
         }
+      }
     });
   });
 }
@@ -66,28 +86,35 @@ void conv_bwd_cpu(const at::Tensor& dx1, const at::Tensor& dz1, const at::Tensor
       // g = dL/dpre over the tile and the halo its dx needs.
       const int64_t g0 = std::max<int64_t>(0, l0 - s.right()), g1 = std::min(s.len, l1 + s.left);
       std::vector<acc_t> g((g1 - g0) * ch);
-      for (int64_t l = g0; l < g1; ++l)
+      for (int64_t l = g0; l < g1; ++l) {
+        acc_t* gl = g.data() + (l - g0) * ch;
+        conv_row(x, w, bs, l, s, gl);  // the pre-activation, turned into dL/dpre in place
         for (int half = 0; half < 2; ++half) {
-          acc_t* gr = g.data() + (l - g0) * ch + half * d;
+          acc_t* gr = gl + half * d;
           const scalar_t* dr = dout[half] + l * d;
           GMAMBA_LANES
-          for (int64_t c = 0; c < d; ++c)
-            gr[c] = static_cast<acc_t>(dr[c]) * silu_grad(conv_pre(x, w, bs[half * d + c], l, half * d + c, s));
+          for (int64_t c = 0; c < d; ++c) gr[c] = static_cast<acc_t>(dr[c]) * silu_grad(gr[c]);
         }
+      }
       scalar_t* dx = dxz.data_ptr<scalar_t>() + b * s.len * ch;
       acc_t* p = part.data_ptr<acc_t>() + (b * tiles + t) * (K + 1) * ch;
+      std::vector<acc_t> dx_row(ch);
+      acc_t* acc_row = dx_row.data();
       for (int64_t m = l0; m < l1; ++m) {
         scalar_t* dr = dx + m * ch;
         const acc_t* gm = g.data() + (m - g0) * ch;
         GMAMBA_LANES
-        for (int64_t c = 0; c < ch; ++c) {
-          acc_t v = 0;
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t src = m - k + s.left;  // the token whose pre-activation read x[m] through tap k
-            if (src >= 0 && src < s.len) v += w[k * ch + c] * g[(src - g0) * ch + c];
-          }
-          dr[c] = static_cast<scalar_t>(v);
+        for (int64_t c = 0; c < ch; ++c) acc_row[c] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t src = m - k + s.left;  // the token whose pre-activation read x[m] through tap k
+          if (src < 0 || src >= s.len) continue;
+          const acc_t* gs = g.data() + (src - g0) * ch;
+          const acc_t* wk = w + k * ch;
+          GMAMBA_LANES
+          for (int64_t c = 0; c < ch; ++c) acc_row[c] += wk[c] * gs[c];
         }
+        GMAMBA_LANES
+        for (int64_t c = 0; c < ch; ++c) dr[c] = static_cast<scalar_t>(acc_row[c]);
         for (int64_t k = 0; k < K; ++k) {
           const int64_t src = m + k - s.left;
           if (src < 0 || src >= s.len) continue;
@@ -110,10 +137,10 @@ void fgmm_pool_cpu(const at::Tensor& x1, const at::Tensor& f, const at::Tensor& 
     const int64_t len = x1.size(1), d = x1.size(2), tiles = gssm_tiles(len);
     for_each_tile(x1.size(0), len, [&](int64_t b, int64_t t, int64_t l0, int64_t l1) {
       acc_t* p = part.data_ptr<acc_t>() + (b * tiles + t) * d;
+      const scalar_t *x1p = x1.data_ptr<scalar_t>(), *fp = f.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
       for (int64_t l = l0; l < l1; ++l) {
         const int64_t row = (b * len + l) * d;
-        const scalar_t *xr = x1.data_ptr<scalar_t>() + row, *fr = f.data_ptr<scalar_t>() + row,
-                       *cr = c.data_ptr<scalar_t>() + row;
+        const scalar_t *xr = x1p + row, *fr = fp + row, *cr = cp + row;
         GMAMBA_LANES
         for (int64_t j = 0; j < d; ++j)
           p[j] += static_cast<acc_t>(xr[j]) + static_cast<acc_t>(fr[j]) * sigmoid(static_cast<acc_t>(cr[j]));
@@ -171,12 +198,12 @@ void fgmm_bwd_apply_cpu(const at::Tensor& dx2, const at::Tensor& f, const at::Te
     for_each_tile(f.size(0), len, [&](int64_t b, int64_t, int64_t l0, int64_t l1) {
       const acc_t cx = coef.data_ptr<acc_t>()[2 * b], cf = coef.data_ptr<acc_t>()[2 * b + 1];
       const acc_t* qb = q.data_ptr<acc_t>() + b * d;
+      const scalar_t *gp = dx2.data_ptr<scalar_t>(), *fp = f.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
+      scalar_t *o1p = dx1.data_ptr<scalar_t>(), *ofp = df.data_ptr<scalar_t>(), *ocp = dc.data_ptr<scalar_t>();
       for (int64_t l = l0; l < l1; ++l) {
         const int64_t row = (b * len + l) * d;
-        const scalar_t *gr = dx2.data_ptr<scalar_t>() + row, *fr = f.data_ptr<scalar_t>() + row,
-                       *cr = c.data_ptr<scalar_t>() + row;
-        scalar_t *o1 = dx1.data_ptr<scalar_t>() + row, *of = df.data_ptr<scalar_t>() + row,
-                 *oc = dc.data_ptr<scalar_t>() + row;
+        const scalar_t *gr = gp + row, *fr = fp + row, *cr = cp + row;
+        scalar_t *o1 = o1p + row, *of = ofp + row, *oc = ocp + row;
         GMAMBA_LANES
         for (int64_t j = 0; j < d; ++j) {
           acc_t v1, vf, vc;

@@ -1,5 +1,5 @@
-// CPU selective scan: one task per (batch, group, pack of kLanes channels), sequential over chunks with the
-// state carried in a small local array; the shared chunk code vectorises over the pack's lanes.
+// CPU selective scan: a task per (batch, group, block of packs of kLanes channels), sequential over chunks
+// with each pack's state carried in a small local array; the shared chunk code vectorises over a pack's lanes.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,12 +15,31 @@ namespace {
 
 constexpr int kLanes = 8;
 
+// A task covers a block of consecutive packs of one (batch, group) and walks the chunks once, every pack
+// of the block per chunk: in the channels-last layout a chunk's token rows are then read whole while in
+// cache (one pack per task read 32 bytes of each row and left the rest to be fetched again by other tasks:
+// at B = 8, d = 48, L = 16384 the forward took 303 ms, now 214 ms). Blocks are as large as keeping every
+// thread busy allows.
 struct CpuTasks {
-  int64_t tiles, count;
-  explicit CpuTasks(const ScanShape& s)
-      : tiles((s.dim_per_group + kLanes - 1) / kLanes), count(s.batch * s.groups * tiles) {}
-  LaneSet lanes(const ScanShape& s, int64_t task) const {
-    const int64_t tile = task % tiles, g = (task / tiles) % s.groups, b = task / (tiles * s.groups);
+  int64_t tiles, per_block, blocks, count;
+  explicit CpuTasks(const ScanShape& s) : tiles((s.dim_per_group + kLanes - 1) / kLanes) {
+    const int64_t bg = s.batch * s.groups;
+    // Blocks per (batch, group): enough for two tasks per thread, at most one per pack. Channels-first
+    // inputs keep one pack per task: a pack then streams along L (measured faster than interleaving packs).
+    const int64_t split = s.channels_last ? std::clamp<int64_t>(bg > 0 ? (2 * at::get_num_threads() + bg - 1) / bg
+                                                                       : 1, 1, std::max<int64_t>(tiles, 1))
+                                          : std::max<int64_t>(tiles, 1);
+    per_block = std::max<int64_t>((tiles + split - 1) / split, 1);
+    blocks = (tiles + per_block - 1) / per_block;
+    count = bg * blocks;
+  }
+  // Flat pack indices [first, last) of a task; a pack index is (b * groups + g) * tiles + tile.
+  std::pair<int64_t, int64_t> packs(int64_t task) const {
+    const int64_t bg = task / blocks, first = bg * tiles + (task % blocks) * per_block;
+    return {first, std::min(first + per_block, (bg + 1) * tiles)};
+  }
+  LaneSet lanes(const ScanShape& s, int64_t pack) const {
+    const int64_t tile = pack % tiles, g = (pack / tiles) % s.groups, b = pack / (tiles * s.groups);
     const int64_t first = tile * kLanes;
     return LaneSet{b, g, g * s.dim_per_group + first, 0,
                    static_cast<int>(std::min<int64_t>(kLanes, s.dim_per_group - first))};
@@ -31,27 +50,40 @@ template <typename in_t, typename acc_t>
 void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
   const ScanShape& s = a.s;
   const CpuTasks tasks(s);
+  const int64_t slab = s.dstate * kLanes;  // one pack's state
   at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> state(s.dstate * kLanes);
+    std::vector<acc_t> states(tasks.per_block * slab);
     for (int64_t task = begin; task < end; ++task) {
-      LaneSet ls = tasks.lanes(s, task);
+      const auto [first, last] = tasks.packs(task);
       // last_state holds initial_state (or zeros) on entry: the scan starts from it.
-      for (int64_t n = 0; n < s.dstate; ++n)
-        for (int w = 0; w < kLanes; ++w)
-          state[n * kLanes + w] = w < ls.active ? a.last_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
-      auto read = [&](int64_t n, int w) { return state[n * kLanes + w]; };
-      auto write = [&](int64_t n, int w, acc_t v) { state[n * kLanes + w] = v; };
-      for (ls.k = 0; ls.k < s.nchunks; ++ls.k) {
+      for (int64_t p = first; p < last; ++p) {
+        const LaneSet ls = tasks.lanes(s, p);
+        acc_t* state = states.data() + (p - first) * slab;
+        for (int64_t n = 0; n < s.dstate; ++n)
+          for (int w = 0; w < kLanes; ++w)
+            state[n * kLanes + w] = w < ls.active ? a.last_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
+      }
+      for (int64_t k = 0; k < s.nchunks; ++k)
+        for (int64_t p = first; p < last; ++p) {
+          LaneSet ls = tasks.lanes(s, p);
+          ls.k = k;
+          acc_t* state = states.data() + (p - first) * slab;
+          auto read = [&](int64_t n, int w) { return state[n * kLanes + w]; };
+          auto write = [&](int64_t n, int w, acc_t v) { state[n * kLanes + w] = v; };
+          for (int64_t n = 0; n < s.dstate; ++n)
+            for (int w = 0; w < ls.active; ++w)
+              a.checkpoints[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] = state[n * kLanes + w];
+          ChunkInputs<kLanes, in_t, acc_t> x;
+          x.load(a, ls);
+          chunk_forward<true>(a, ls, x, read, write);
+        }
+      for (int64_t p = first; p < last; ++p) {
+        const LaneSet ls = tasks.lanes(s, p);
+        const acc_t* state = states.data() + (p - first) * slab;
         for (int64_t n = 0; n < s.dstate; ++n)
           for (int w = 0; w < ls.active; ++w)
-            a.checkpoints[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] = state[n * kLanes + w];
-        ChunkInputs<kLanes, in_t, acc_t> x;
-        x.load(a, ls);
-        chunk_forward<true>(a, ls, x, read, write);
+            a.last_state[s.state_index(ls.b, ls.c0 + w, n)] = state[n * kLanes + w];
       }
-      for (int64_t n = 0; n < s.dstate; ++n)
-        for (int w = 0; w < ls.active; ++w)
-          a.last_state[s.state_index(ls.b, ls.c0 + w, n)] = state[n * kLanes + w];
     }
   });
 }
@@ -60,49 +92,64 @@ template <typename in_t, typename acc_t>
 void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
   const ScanShape& s = a.f.s;
   const CpuTasks tasks(s);
+  const int64_t slab = s.dstate * kLanes;
   at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> carry(s.dstate * kLanes);
+    std::vector<acc_t> carries(tasks.per_block * slab);
     for (int64_t task = begin; task < end; ++task) {
-      LaneSet ls = tasks.lanes(s, task);
+      const auto [first, last] = tasks.packs(task);
       // dinitial_state holds dlast_state (or zeros) on entry: the adjoint of the final state.
-      for (int64_t n = 0; n < s.dstate; ++n)
-        for (int w = 0; w < kLanes; ++w)
-          carry[n * kLanes + w] = w < ls.active ? a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
-      auto ckpt = [&](int64_t n, int w) {
-        return w < ls.active ? a.f.checkpoints[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] : acc_t(0);
-      };
-      auto carry_in = [&](int64_t n, int w) { return carry[n * kLanes + w]; };
-      auto carry_out = [&](int64_t n, int w, acc_t v) { carry[n * kLanes + w] = v; };
-      const int64_t tile = task % tasks.tiles;
-      // Per-step dB / dC of one state: summed over the pack's channels in a fixed order into this task's
-      // own slice (variable), or over the chunk's steps per channel (constant).
-      auto emit_one = [&](const BCView<acc_t>& view, acc_t* part, int64_t n, const acc_t(&vals)[kChunk][kLanes]) {
-        if (view.variable) {
-          acc_t* row = part + (((ls.b * s.groups + ls.g) * tasks.tiles + tile) * s.dstate + n) * s.len;
-          for (int t = 0; t < kChunk && ls.k * kChunk + t < s.len; ++t) {
-            acc_t sum = 0;
-            for (int w = 0; w < kLanes; ++w) sum += vals[t][w];
-            row[ls.k * kChunk + t] = sum;
-          }
-          return;
-        }
-        for (int w = 0; w < ls.active; ++w) {
-          acc_t sum = 0;
-          for (int t = 0; t < kChunk; ++t) sum += vals[t][w];
-          part[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] = sum;
-        }
-      };
-      auto emit = [&](int64_t n, const acc_t(&dB)[kChunk][kLanes], const acc_t(&dC)[kChunk][kLanes]) {
-        emit_one(a.f.B, a.dB_part, n, dB);
-        emit_one(a.f.C, a.dC_part, n, dC);
-      };
-      for (ls.k = s.nchunks - 1; ls.k >= 0; --ls.k) {
-        ChunkInputs<kLanes, in_t, acc_t> x;
-        x.load(a.f, ls);
-        chunk_backward(a, ls, x, ckpt, carry_in, carry_out, emit);
+      for (int64_t p = first; p < last; ++p) {
+        const LaneSet ls = tasks.lanes(s, p);
+        acc_t* carry = carries.data() + (p - first) * slab;
+        for (int64_t n = 0; n < s.dstate; ++n)
+          for (int w = 0; w < kLanes; ++w)
+            carry[n * kLanes + w] = w < ls.active ? a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
       }
-      for (int64_t n = 0; n < s.dstate; ++n)
-        for (int w = 0; w < ls.active; ++w) a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] = carry[n * kLanes + w];
+      for (int64_t k = s.nchunks - 1; k >= 0; --k)
+        for (int64_t p = first; p < last; ++p) {
+          LaneSet ls = tasks.lanes(s, p);
+          ls.k = k;
+          acc_t* carry = carries.data() + (p - first) * slab;
+          auto ckpt = [&](int64_t n, int w) {
+            return w < ls.active ? a.f.checkpoints[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] : acc_t(0);
+          };
+          auto carry_in = [&](int64_t n, int w) { return carry[n * kLanes + w]; };
+          auto carry_out = [&](int64_t n, int w, acc_t v) { carry[n * kLanes + w] = v; };
+          const int64_t tile = p % tasks.tiles;
+          // Per-step dB / dC of one state: summed over the pack's channels in a fixed order into this pack's
+          // own slice (variable), or over the chunk's steps per channel (constant).
+          auto emit_one = [&](const BCView<acc_t>& view, acc_t* part, int64_t n,
+                              const acc_t(&vals)[kChunk][kLanes]) {
+            if (view.variable) {
+              acc_t* row = part + (((ls.b * s.groups + ls.g) * tasks.tiles + tile) * s.dstate + n) * s.len;
+              for (int t = 0; t < kChunk && ls.k * kChunk + t < s.len; ++t) {
+                acc_t sum = 0;
+                for (int w = 0; w < kLanes; ++w) sum += vals[t][w];
+                row[ls.k * kChunk + t] = sum;
+              }
+              return;
+            }
+            for (int w = 0; w < ls.active; ++w) {
+              acc_t sum = 0;
+              for (int t = 0; t < kChunk; ++t) sum += vals[t][w];
+              part[s.chunk_state_index(ls.b, ls.k, n, ls.c0 + w)] = sum;
+            }
+          };
+          auto emit = [&](int64_t n, const acc_t(&dB)[kChunk][kLanes], const acc_t(&dC)[kChunk][kLanes]) {
+            emit_one(a.f.B, a.dB_part, n, dB);
+            emit_one(a.f.C, a.dC_part, n, dC);
+          };
+          ChunkInputs<kLanes, in_t, acc_t> x;
+          x.load(a.f, ls);
+          chunk_backward(a, ls, x, ckpt, carry_in, carry_out, emit);
+        }
+      for (int64_t p = first; p < last; ++p) {
+        const LaneSet ls = tasks.lanes(s, p);
+        const acc_t* carry = carries.data() + (p - first) * slab;
+        for (int64_t n = 0; n < s.dstate; ++n)
+          for (int w = 0; w < ls.active; ++w)
+            a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] = carry[n * kLanes + w];
+      }
     }
   });
 }

@@ -13,7 +13,10 @@
 
 namespace gmamba {
 
-inline float host_exp_approx(float x) {
+// Forced inlining: a call left out of line (GCC's choice in some callers) cannot be vectorised.
+#define GMAMBA_HOST_INLINE inline __attribute__((always_inline))
+
+GMAMBA_HOST_INLINE float host_exp_approx(float x) {
   // A NaN fails both comparisons and passes through (then poisons the result). With -fno-trapping-math
   // these selects and the float->int conversion below vectorise.
   x = std::min(x, 88.7f);
@@ -36,7 +39,7 @@ inline float host_exp_approx(float x) {
 
 // log(1 + e) for e in [0, 1], as 2 atanh(e / (2 + e)) (no cancellation for tiny e), odd series to s^13:
 // relative error < 2e-7.
-inline float host_log1p_unit_approx(float e) {
+GMAMBA_HOST_INLINE float host_log1p_unit_approx(float e) {
   const float s = e / (2.0f + e), s2 = s * s;
   float p = 1.0f / 13.0f;
   p = p * s2 + 1.0f / 11.0f;
@@ -49,13 +52,13 @@ inline float host_log1p_unit_approx(float e) {
 }
 
 // softplus(v) = max(v, 0) + log1p(exp(-|v|)), and linear above 20 as torch's; vectorisable.
-inline float host_softplus_approx(float v) {
+GMAMBA_HOST_INLINE float host_softplus_approx(float v) {
   const float a = v < 0.0f ? -v : v;
   const float sp = (v > 0.0f ? v : 0.0f) + host_log1p_unit_approx(host_exp_approx(-a));
   return v > 20.0f ? v : sp;
 }
 
-inline float host_sigmoid_approx(float v) { return 1.0f / (1.0f + host_exp_approx(-v)); }
+GMAMBA_HOST_INLINE float host_sigmoid_approx(float v) { return 1.0f / (1.0f + host_exp_approx(-v)); }
 
 GMAMBA_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)

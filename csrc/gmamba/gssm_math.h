@@ -25,7 +25,7 @@ struct ConvShape {
 // Pre-activation of the depthwise conv at token l, channel c of one sample's slab x (row stride =
 // channels). wt is the weight transposed to (width, channels), so a row of it is contiguous in c.
 template <typename in_t, typename acc_t>
-GMAMBA_HD acc_t conv_pre(const in_t* x, const acc_t* wt, acc_t bias, int64_t l, int64_t c, const ConvShape& s) {
+GMAMBA_HD_SMALL acc_t conv_pre(const in_t* x, const acc_t* wt, acc_t bias, int64_t l, int64_t c, const ConvShape& s) {
   acc_t v = bias;
   for (int64_t k = 0; k < s.width; ++k) {
     const int64_t src = l + k - s.left;
@@ -36,14 +36,14 @@ GMAMBA_HD acc_t conv_pre(const in_t* x, const acc_t* wt, acc_t bias, int64_t l, 
 
 // FGMM mixing of one element: x2 = (a0 m) x1 + (a1 m) f sigma(c), coef = (a0 m, a1 m) of the sample.
 template <typename acc_t>
-GMAMBA_HD acc_t fgmm_mix(acc_t x1, acc_t f, acc_t c, acc_t coef_x, acc_t coef_f) {
+GMAMBA_HD_SMALL acc_t fgmm_mix(acc_t x1, acc_t f, acc_t c, acc_t coef_x, acc_t coef_f) {
   return coef_x * x1 + coef_f * f * sigmoid(c);
 }
 
 // Its backward for one element, with q = ds / L the pooled branch's per-channel gradient (s = mean of
 // x1 + f sigma(c)): writes dx1, df, dc.
 template <typename acc_t>
-GMAMBA_HD void fgmm_mix_grad(acc_t dx2, acc_t f, acc_t c, acc_t coef_x, acc_t coef_f, acc_t q, acc_t& dx1,
+GMAMBA_HD_SMALL void fgmm_mix_grad(acc_t dx2, acc_t f, acc_t c, acc_t coef_x, acc_t coef_f, acc_t q, acc_t& dx1,
                              acc_t& df, acc_t& dc) {
   const acc_t sc = sigmoid(c);
   const acc_t dF2 = coef_f * dx2 + q;

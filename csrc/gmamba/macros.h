@@ -2,8 +2,12 @@
 // Qualifiers that let the same inline math compile for the host (CPU kernels, C++ tests) and the device.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define GMAMBA_HD __host__ __device__ __forceinline__
+#define GMAMBA_HD_SMALL __host__ __device__ __forceinline__
 #else
 #define GMAMBA_HD inline
+// Scalar math called inside SIMD loops: forced inline on the host too (GCC sometimes keeps a template such
+// as sigmoid<float> out of line, and a call in a loop body stops vectorisation).
+#define GMAMBA_HD_SMALL inline __attribute__((always_inline))
 #endif
 
 // Loops over a chunk's steps are fully unrolled on the device (register arrays need compile-time

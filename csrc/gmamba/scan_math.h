@@ -12,7 +12,7 @@ namespace gmamba {
 // Host float uses the vectorisable approximations of fast_exp.h (libm's scalar calls dominated the CPU
 // kernels at small d_state); device and double use the library functions.
 template <typename acc_t>
-GMAMBA_HD acc_t softplus(acc_t v) {
+GMAMBA_HD_SMALL acc_t softplus(acc_t v) {
 #if !defined(__CUDA_ARCH__)
   if constexpr (std::is_same_v<acc_t, float>) return host_softplus_approx(v);
 #endif
@@ -22,7 +22,7 @@ GMAMBA_HD acc_t softplus(acc_t v) {
 }
 
 template <typename acc_t>
-GMAMBA_HD acc_t sigmoid(acc_t v) {
+GMAMBA_HD_SMALL acc_t sigmoid(acc_t v) {
 #if !defined(__CUDA_ARCH__)
   if constexpr (std::is_same_v<acc_t, float>) return host_sigmoid_approx(v);
 #endif
@@ -32,38 +32,38 @@ GMAMBA_HD acc_t sigmoid(acc_t v) {
 
 // d softplus(v) / dv = sigmoid(v); matches softplus's threshold (gradient 1 above 20).
 template <typename acc_t>
-GMAMBA_HD acc_t softplus_grad(acc_t v) {
+GMAMBA_HD_SMALL acc_t softplus_grad(acc_t v) {
   return v > acc_t(20) ? acc_t(1) : sigmoid(v);
 }
 
 template <typename acc_t>
-GMAMBA_HD acc_t silu(acc_t v) {
+GMAMBA_HD_SMALL acc_t silu(acc_t v) {
   return v * sigmoid(v);
 }
 
 // d silu(v) / dv = sigma(v) (1 + v (1 - sigma(v))).
 template <typename acc_t>
-GMAMBA_HD acc_t silu_grad(acc_t v) {
+GMAMBA_HD_SMALL acc_t silu_grad(acc_t v) {
   const acc_t s = sigmoid(v);
   return s * (acc_t(1) + v * (acc_t(1) - s));
 }
 
 // Effective step size: delta (+ bias), optionally through softplus.
 template <typename acc_t>
-GMAMBA_HD acc_t discretize_delta(acc_t raw, acc_t bias, bool use_softplus) {
+GMAMBA_HD_SMALL acc_t discretize_delta(acc_t raw, acc_t bias, bool use_softplus) {
   const acc_t v = raw + bias;
   return use_softplus ? softplus(v) : v;
 }
 
 // Chain rule back through discretize_delta.
 template <typename acc_t>
-GMAMBA_HD acc_t discretize_delta_grad(acc_t raw, acc_t bias, bool use_softplus, acc_t grad) {
+GMAMBA_HD_SMALL acc_t discretize_delta_grad(acc_t raw, acc_t bias, bool use_softplus, acc_t grad) {
   return use_softplus ? grad * softplus_grad(raw + bias) : grad;
 }
 
 // One step of the recurrence s_l = exp(delta A) s_{l-1} + delta B u, with decay = exp(delta A) given.
 template <typename acc_t>
-GMAMBA_HD acc_t scan_step(acc_t decay, acc_t state, acc_t delta_b_u) {
+GMAMBA_HD_SMALL acc_t scan_step(acc_t decay, acc_t state, acc_t delta_b_u) {
   return decay * state + delta_b_u;
 }
 

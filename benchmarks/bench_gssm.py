@@ -1,0 +1,248 @@
+"""GSSM mixer benchmark: gmamba_ext.gssm (fused) against the unfused composition a user writes today,
+gmamba_ext.gssm_reference.gssm_ref (the spec as PyTorch ops + torch.fft: rfft2/irfft2, concatenations,
+separate projections) with the best available scan plugged in: mambapy's parallel scan on CPU, mamba-ssm's
+CUDA selective_scan_fn on GPU. A second column plugs gmamba_ext's own scan into the same composition, to
+separate the gain of the fusion from the gain of the scan.
+
+Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
+ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; on GPU also peak memory of
+forward+backward and the number of kernels launched per forward / forward+backward (torch.profiler).
+Outputs and gradients are checked to agree before timing. Writes gssm_<device>.json and .md.
+
+    python benchmarks/bench_gssm.py --device cpu [--quick] [--out DIR]
+    python benchmarks/bench_gssm.py --device cuda [--quick] [--mamba-ssm PATH] [--dtypes float32,bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import gmamba_ext
+except ImportError:  # built in place, not installed: use the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gmamba_ext
+from bench_scan_cpu import timeit  # noqa: E402
+from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams, gssm_ref  # noqa: E402
+
+# DESIGN.md: batch 8, (C, H = W), expand 1 (d = C / 2), N = 8; the block's d_conv 3.
+SHAPES = [(96, 128), (192, 64), (384, 32), (768, 16)]
+
+
+def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mambapy's parallel scan behind selective_scan_fn's signature (channels-first in and out), fed as
+    mambapy's Mamba block feeds it."""
+    from mambapy.pscan import pscan
+    u, delta, B, C = (t.transpose(1, 2) for t in (u, delta, B, C))  # (b, L, d) / (b, L, N)
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    if delta_softplus:
+        delta = F.softplus(delta)
+    deltaA = torch.exp(delta.unsqueeze(-1) * A)
+    BX = delta.unsqueeze(-1) * B.unsqueeze(2) * u.unsqueeze(-1)
+    y = (pscan(deltaA, BX) @ C.unsqueeze(-1)).squeeze(3)
+    if D is not None:
+        y = y + D * u
+    return y.transpose(1, 2)
+
+
+def implementations(device, mamba_path):
+    """name -> fn(x, params, config), and notes on what was unavailable."""
+    impls = {"fused": lambda x, p, cfg: gmamba_ext.gssm(x, p)}
+    notes = []
+    if device == "cpu":
+        try:
+            import mambapy.pscan  # noqa: F401
+            impls["unfused_mambapy"] = lambda x, p, cfg: gssm_ref(x, p, cfg, scan=mambapy_scan)
+        except ImportError:
+            notes.append("mambapy is not installed: no unfused_mambapy column")
+    else:
+        try:
+            import mamba_ssm_baseline
+            mamba_ssm_baseline.load(mamba_path) if mamba_path else mamba_ssm_baseline.load()
+            impls["unfused_mamba_ssm"] = lambda x, p, cfg: gssm_ref(x, p, cfg,
+                                                                  scan=mamba_ssm_baseline.selective_scan_fn)
+        except Exception as error:  # noqa: BLE001 - any failure to load just drops the column
+            notes.append(f"mamba-ssm unavailable ({error}): no unfused_mamba_ssm column")
+    impls["unfused_gmamba_scan"] = lambda x, p, cfg: gssm_ref(x, p, cfg, scan=gmamba_ext.selective_scan)
+    return impls, notes
+
+
+def make_case(batch, C, H, device, dtype, seed=0):
+    cfg = GSSMConfig(d_model=C, expand=1, d_state=8, d_conv=3)
+    g = torch.Generator().manual_seed(seed)
+    params = GSSMParams.init(cfg, generator=g, dtype=dtype, device=device)
+    x = torch.randn(batch, H, H, C, generator=g).to(device=device, dtype=dtype)
+    return cfg, params, x
+
+
+def closures(fn, cfg, params, x):
+    names = [f.name for f in dataclasses.fields(params) if getattr(params, f.name) is not None]
+    leaves = [x.detach().clone().requires_grad_()] + [getattr(params, n).detach().clone().requires_grad_()
+                                                        for n in names]
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)  # same for every impl
+
+    def call(ts):
+        return fn(ts[0], params.replace(**dict(zip(names, ts[1:]))), cfg)
+
+    def fwd():
+        with torch.no_grad():
+            return call(leaves)
+
+    def fwd_bwd():
+        out = call(leaves)
+        return out, torch.autograd.grad(out, leaves, dout)
+
+    return fwd, fwd_bwd
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def agreement(runs):
+    """Largest relative difference of each implementation's output and gradients from the fused one's."""
+    base_out, base_grads = runs["fused"]
+    return {name: max([rel_err(out, base_out)] + [rel_err(g, bg) for g, bg in zip(grads, base_grads)])
+            for name, (out, grads) in runs.items() if name != "fused"}
+
+
+def cuda_timed(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    q = statistics.quantiles(times, n=4)
+    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "n": reps}
+
+
+def cuda_peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cuda_kernel_count(fn):
+    """Kernels (and memsets/copies) the device ran for one call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def bench(args):
+    device = args.device
+    impls, notes = implementations(device, args.mamba_ssm)
+    batch = args.batch or (2 if args.quick and device == "cpu" else 8)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    rows = []
+    for dtype in dtypes:
+        for C, H in SHAPES:
+            cfg, params, x = make_case(batch, C, H, device, dtype)
+            row = {"batch": batch, "C": C, "H": H, "W": H, "d": cfg.d, "N": cfg.d_state, "dtype": str(dtype)[6:],
+                   "impl": {}}
+            runs = {}
+            for name, fn in impls.items():
+                fwd, fwd_bwd = closures(fn, cfg, params, x)
+                runs[name] = fwd_bwd()
+                if device == "cpu":
+                    budget = 4.0 if args.quick else 20.0
+                    res = {"fwd": timeit(fwd, 1, 15, 3, budget), "fwd_bwd": timeit(fwd_bwd, 1, 15, 3, budget)}
+                else:
+                    res = {"fwd": cuda_timed(fwd, 3, args.reps), "fwd_bwd": cuda_timed(fwd_bwd, 3, args.reps),
+                           "peak_mib_fwd_bwd": cuda_peak_mib(fwd_bwd),
+                           "kernels_fwd": cuda_kernel_count(fwd), "kernels_fwd_bwd": cuda_kernel_count(fwd_bwd)}
+                row["impl"][name] = res
+                print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} fwd {res['fwd']['median_ms']:9.2f} ms   "
+                      f"fwd+bwd {res['fwd_bwd']['median_ms']:9.2f} ms", flush=True)
+            row["max_rel_diff_vs_fused"] = agreement(runs)
+            tol = 2e-3 if dtype == torch.float32 else 5e-2
+            bad = {k: v for k, v in row["max_rel_diff_vs_fused"].items() if v > tol}
+            if bad:
+                raise AssertionError(f"implementations disagree with the fused gssm at C={C}, H={H}: {bad}")
+            rows.append(row)
+    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "quick": args.quick, "notes": notes, "rows": rows}
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+
+
+def markdown(report):
+    impls = list(report["rows"][0]["impl"]) if report["rows"] else []
+    baselines = [n for n in impls if n != "fused"]
+    lines = [f"# gssm benchmark: {report['device']} (torch {report['torch']}, {report['threads']} threads)", ""]
+    lines += [f"- {n}" for n in report["notes"]]
+    head = "| dtype | B | C | H=W | fused fwd ms | fused fwd+bwd ms |"
+    for b in baselines:
+        head += f" {b} fwd ms | {b} fwd+bwd ms | speed-up fwd | speed-up fwd+bwd |"
+    gpu = "peak_mib_fwd_bwd" in report["rows"][0]["impl"]["fused"] if report["rows"] else False
+    if gpu:
+        head += " fused peak MiB | " + " | ".join(f"{b} peak MiB" for b in baselines) + " | fused kernels fwd | " \
+            + " | ".join(f"{b} kernels fwd" for b in baselines) + " |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in report["rows"]:
+        fu = r["impl"]["fused"]
+        cell = lambda s: f"{s['median_ms']:.2f} ({s['p25_ms']:.2f}-{s['p75_ms']:.2f})"  # noqa: E731
+        line = f"| {r['dtype']} | {r['batch']} | {r['C']} | {r['H']} | {cell(fu['fwd'])} | {cell(fu['fwd_bwd'])} |"
+        for b in baselines:
+            o = r["impl"][b]
+            line += (f" {cell(o['fwd'])} | {cell(o['fwd_bwd'])} | {o['fwd']['median_ms'] / fu['fwd']['median_ms']:.2f}x"
+                     f" | {o['fwd_bwd']['median_ms'] / fu['fwd_bwd']['median_ms']:.2f}x |")
+        if gpu:
+            line += f" {fu['peak_mib_fwd_bwd']:.0f} | " + " | ".join(
+                f"{r['impl'][b]['peak_mib_fwd_bwd']:.0f}" for b in baselines) + f" | {fu['kernels_fwd']} | " + \
+                " | ".join(str(r["impl"][b]["kernels_fwd"]) for b in baselines) + " |"
+        lines.append(line)
+    lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
+              "faster). Gradients: x and every parameter."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--quick", action="store_true", help="CPU: batch 2 and shorter time budgets")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
+    args = parser.parse_args()
+    report = bench(args)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"gssm_{args.device}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
