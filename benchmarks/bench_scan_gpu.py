@@ -107,6 +107,7 @@ def main():
     parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--no-plot", action="store_true", help="skip scan_gpu.png")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -160,7 +161,8 @@ def main():
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "scan_gpu.md"), "w") as f:
         f.write(markdown(report))
-    plot(report, os.path.join(args.out, "scan_gpu.png"))
+    if not args.no_plot:
+        plot(report, os.path.join(args.out, "scan_gpu.png"))
     print(markdown(report))
 
 

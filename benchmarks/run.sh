@@ -3,7 +3,7 @@
 # On a machine without torch it makes .venv-bench (torch from the registry) first.
 #   bash benchmarks/run.sh            # CPU quick sizes (2 cores: minutes); GPU full sizes when a GPU is seen
 #   FULL=1 bash benchmarks/run.sh     # DESIGN.md's full CPU sizes too (long on 2 cores)
-# Results: benchmarks/out/*.json and *.md (git-ignored); committed runs live in benchmarks/results/.
+# Results (scan and gssm): benchmarks/out/*.json and *.md (git-ignored); committed runs live in benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,8 +18,10 @@ mkdir -p benchmarks/out
 cd benchmarks/out  # import the installed package, not the source tree
 "$PY" -m gmamba_ext
 "$PY" ../bench_scan_cpu.py --out scan_cpu.json $([ "${FULL:-0}" = 1 ] || echo --quick)
+"$PY" ../bench_gssm.py --device cpu --out . $([ "${FULL:-0}" = 1 ] || echo --quick)
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   mamba=()
   [ -f ../../.device/mamba_ssm/selective_scan_cuda.so.gz ] && mamba=(--mamba-ssm ../../.device/mamba_ssm/selective_scan_cuda.so.gz)
   "$PY" ../bench_scan_gpu.py --out . "${mamba[@]}"
+  "$PY" ../bench_gssm.py --device cuda --out . --dtypes float32,bfloat16 "${mamba[@]}"
 fi

@@ -1,5 +1,6 @@
-"""Small forward + backward runs of every CUDA scan variant, for compute-sanitizer (memcheck) in
-benchmarks/device_check.sh: out-of-bounds or misaligned accesses show up there, not in results."""
+"""Small forward + backward runs of every CUDA scan variant and of the GSSM mixer's CUDA ops (through
+gmamba_ext.gssm, odd sizes, every variant), for compute-sanitizer (memcheck) in benchmarks/device_check.sh:
+out-of-bounds or misaligned accesses show up there, not in results."""
 import itertools
 
 import torch
@@ -27,5 +28,14 @@ for (batch, d, L, N), mode, cl, dtype in itertools.product(
     fn = gmamba_ext.selective_scan_channels_last if cl else gmamba_ext.selective_scan
     out, last = fn(u, delta, A, B, C, D, z, bias, True, True, h0)
     (out.float().sum() + last.sum()).backward()
+
+for variant, (batch, H, W, C), dtype in itertools.product(
+        ["full", "fem_ssm", "dft_fgmm_ssm"], [(2, 7, 9, 40), (1, 3, 70, 16)], [torch.float32, torch.bfloat16]):
+    cfg = gmamba_ext.GSSMConfig(C, d_state=5, d_conv=4, variant=variant, directions="bi")
+    params = gmamba_ext.GSSMParams.init(cfg, dtype=dtype, device="cuda")
+    for field in ("in_proj_weight", "conv1d_x_weight", "freq_ratio"):
+        getattr(params, field).requires_grad_()
+    x = torch.randn(batch, H, W, C, device="cuda", dtype=dtype, requires_grad=True)
+    gmamba_ext.gssm(x, params, variant=variant, directions="bi").float().square().sum().backward()
 torch.cuda.synchronize()
 print("sanitize_scan: all variants ran")

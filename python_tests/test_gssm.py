@@ -10,7 +10,7 @@ import torch
 
 import gmamba_ext
 from gmamba_ext import gssm
-from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams, gssm_ref
+from gmamba_ext.gssm_reference import gssm_ref
 from gssm_helpers import cast, make
 
 f64 = torch.float64
