@@ -1,8 +1,8 @@
 """gmamba_ext: fused CPU/CUDA kernels for GMamba's global state-space module."""
-from . import gssm_reference, reference
+from . import gssm_reference, nn, reference
 from .gssm import gssm
 from .gssm_reference import GSSMConfig, GSSMParams
 from .ops import HAS_EXTENSION, selective_scan, selective_scan_channels_last
 
 __version__ = "0.1.0"
-__all__ = ["gssm", "GSSMConfig", "GSSMParams", "selective_scan", "selective_scan_channels_last", "reference", "gssm_reference", "HAS_EXTENSION", "__version__"]
+__all__ = ["gssm", "GSSMConfig", "GSSMParams", "selective_scan", "selective_scan_channels_last", "nn", "reference", "gssm_reference", "HAS_EXTENSION", "__version__"]

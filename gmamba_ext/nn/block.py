@@ -1,0 +1,103 @@
+"""`GMambaBlock`: the plug-and-play residual block of GSSM_SPEC.md on (B, C, H, W) feature maps:
+t = x + drop_path(gamma_1 * mixer(norm1(x))); out = t + drop_path(gamma_2 * mlp(norm2(t))), with an optional
+window_size that reproduces the release's windowed block (not global)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gssm_module import GSSM
+
+__all__ = ["GMambaBlock", "Mlp", "drop_path"]
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: zero whole samples with probability p, scale the rest by 1 / (1 - p)."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Mlp(nn.Module):
+    """Linear(C, hidden) -> GELU -> Linear(hidden, C) (keys fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int, **kw):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, **kw)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GMambaBlock(nn.Module):
+    """Residual GMamba block on (B, C, H, W) (GSSM_SPEC.md "GMamba block"). Keys: norm1.*, mixer.*, norm2.*,
+    mlp.fc1.*, mlp.fc2.*, and gamma_1 / gamma_2 when layer_scale is a number (their initial value; 0 makes
+    the block the identity at initialisation). window_size: None (global, the default) or w for the release's
+    windowed block (zero padding to multiples of w at the bottom/right, w x w windows as independent samples,
+    then crop). A channels_last input is read without a copy; the output is (B, C, H, W) in channels_last
+    memory format. Extra keyword arguments go to the mixer (variant, mask, directions, dt_rank, ...)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 layer_scale: Optional[float] = None, window_size: Optional[int] = None, d_state: int = 8,
+                 d_conv: int = 3, expand: float = 1, device=None, dtype=None, **mixer_kwargs):
+        super().__init__()
+        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
+                                        or window_size < 1):
+            raise ValueError(f"GMambaBlock: window_size must be None or a positive int, got {window_size!r}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"GMambaBlock: drop_path must be in [0, 1), got {drop_path!r}")
+        kw = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.window_size = window_size
+        self.drop_path = drop_path
+        self.norm1 = nn.LayerNorm(dim, **kw)
+        self.mixer = GSSM(dim, d_state=d_state, d_conv=d_conv, expand=expand, **mixer_kwargs, **kw)
+        self.norm2 = nn.LayerNorm(dim, **kw)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
+        if layer_scale is not None:
+            if isinstance(layer_scale, bool) or not isinstance(layer_scale, (int, float)):
+                raise ValueError(f"GMambaBlock: layer_scale must be None or a number, got {layer_scale!r}")
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale), **kw))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale), **kw))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def _tokens(self, t: Tensor) -> Tensor:
+        """The block on (N, H, W, C) tokens."""
+        mixed = self.mixer(self.norm1(t))
+        if self.gamma_1 is not None:
+            mixed = self.gamma_1 * mixed
+        t = t + drop_path(mixed, self.drop_path, self.training)
+        mlp = self.mlp(self.norm2(t))
+        if self.gamma_2 is not None:
+            mlp = self.gamma_2 * mlp
+        return t + drop_path(mlp, self.drop_path, self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"GMambaBlock: x must be a 4-D (B, C, H, W) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"GMambaBlock: x must be floating point, got {x.dtype}")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"GMambaBlock: x has {x.shape[1]} channels (shape {tuple(x.shape)}), the block "
+                             f"was built for dim = {self.dim}")
+        t = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous when x is channels_last
+        w = self.window_size
+        if w is None:
+            return self._tokens(t).permute(0, 3, 1, 2)
+        B, H, W, C = t.shape
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        t = F.pad(t, (0, 0, 0, Wp - W, 0, Hp - H))
+        win = t.reshape(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w, w, C)
+        out = self._tokens(win).reshape(B, Hp // w, Wp // w, w, w, C).permute(0, 1, 3, 2, 4, 5)
+        return out.reshape(B, Hp, Wp, C)[:, :H, :W].contiguous().permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, window_size={self.window_size}, drop_path={self.drop_path}"

@@ -1,0 +1,113 @@
+"""`GSSM`: the GSSM mixer as an nn.Module whose parameters sit under the release's state_dict keys
+(GSSM_SPEC.md's table), initialised as the spec says; forward calls the fused `gmamba_ext.gssm`."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..gssm import gssm
+from ..gssm_reference import GSSMConfig, GSSMParams, _field
+
+__all__ = ["GSSM"]
+
+
+class _FreqSSM(nn.Module):
+    """FEM parameters (keys freq_ssm.*)."""
+
+    def __init__(self, d: int, **kw):
+        super().__init__()
+        self.low_freq_weight = nn.Parameter(torch.ones(1, **kw))
+        self.high_freq_weight = nn.Parameter(torch.ones(1, **kw))
+        self.low_freq_proj = nn.Linear(d, d, **kw)
+        self.high_freq_proj = nn.Linear(d, d, **kw)
+        self.freq_fusion = nn.Sequential(nn.Linear(3 * d, 2 * d, **kw), nn.ReLU(), nn.Linear(2 * d, d, **kw))
+
+
+class _FreqAdaptive(nn.Module):
+    """FGMM parameters (keys freq_adaptive.*), as the release's 1x1 convolutions."""
+
+    def __init__(self, d: int, **kw):
+        super().__init__()
+        d4 = d // 4
+        self.freq_conv = nn.Sequential(nn.Conv2d(d, d4, 1, **kw), nn.ReLU(), nn.Conv2d(d4, d, 1, **kw))
+        self.adaptive_weight = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(d, d4, 1, **kw), nn.ReLU(),
+                                             nn.Conv2d(d4, 2, 1, **kw))
+
+
+class GSSM(nn.Module):
+    """The GSSM mixer (GSSM_SPEC.md). Defaults are Mamba's (d_state 16, d_conv 4, expand 2); the GMamba block
+    uses d_state 8, d_conv 3, expand 1.
+
+    forward(x, H=None, W=None): x is (B, H, W, C) tokens, (B, C, H, W) in channels_last memory format, or
+    (B, L, C) with H and W given (L = H * W); the result has x's shape. The sub-modules (in_proj, freq_ssm,
+    ...) hold the parameters under the release's keys; the computation is the fused `gmamba_ext.gssm`, not
+    these modules' own forwards.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dt_rank: Union[int, str] = "auto", variant: str = "full", mask: str = "corner",
+                 directions: str = "uni", single_dt_bias: bool = False, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.config = GSSMConfig(d_model=d_model, expand=expand, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank,
+                                 variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias,
+                                 dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale)
+        c = self.config
+        kw = dict(device=device, dtype=dtype)
+        C, E, d, N, K, R = c.d_model, c.E, c.d, c.d_state, c.d_conv, c.R
+        self.in_proj = nn.Linear(C, E, bias=False, **kw)
+        self.conv1d_x = nn.Conv1d(d, d, K, groups=d, **kw)
+        self.conv1d_z = nn.Conv1d(d, d, K, groups=d, **kw)
+        self.freq_ssm = _FreqSSM(d, **kw)
+        self.freq_gate = nn.Sequential(nn.Linear(d, E // 4, **kw), nn.ReLU(), nn.Linear(E // 4, 1, **kw))
+        self.freq_adaptive = _FreqAdaptive(d, **kw)
+        self.freq_ratio = nn.Parameter(torch.empty((), **kw))
+        for k in range(c.n_directions):
+            sfx = "" if k == 0 else f"_{k}"
+            setattr(self, "x_proj" + sfx, nn.Linear(d, R + 2 * N, bias=False, **kw))
+            setattr(self, "dt_proj" + sfx, nn.Linear(R, d, **kw))
+            setattr(self, "A_log" + sfx, nn.Parameter(torch.empty(d, N, **kw)))
+            setattr(self, "D" + sfx, nn.Parameter(torch.empty(d, **kw)))
+        self.out_proj = nn.Linear(E, C, bias=False, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """The spec's initialisation (GSSMParams.init): dt_proj, A_log, D, the frequency weights, and
+        PyTorch's default for every other layer."""
+        fresh = GSSMParams.init(self.config, generator=generator).to_state_dict()
+        with torch.no_grad():
+            for key, value in self.state_dict(keep_vars=True).items():
+                value.copy_(fresh[key])
+
+    def gssm_params(self) -> GSSMParams:
+        """The parameters (not copies: gradients flow) as GSSMParams."""
+        return GSSMParams(**{_field(k): v for k, v in self.named_parameters()})
+
+    def forward(self, x: Tensor, H: Optional[int] = None, W: Optional[int] = None,
+                initial_state=None) -> Tensor:
+        if H is not None or W is not None:
+            if H is None or W is None or not isinstance(x, Tensor) or x.dim() != 3:
+                raise ValueError(f"GSSM: with H and W, x must be (B, L, C) tokens and both H and W given; got "
+                                 f"x {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}, "
+                                 f"H={H}, W={W}")
+            if x.shape[1] != H * W:
+                raise ValueError(f"GSSM: x has L = {x.shape[1]} tokens but H * W = {H} * {W} = {H * W}")
+            out = self._run(x.reshape(x.shape[0], H, W, x.shape[2]), initial_state, "bhwc")
+            return out.reshape(x.shape[0], H * W, -1)
+        if isinstance(x, Tensor) and x.dim() == 3:
+            raise ValueError(f"GSSM: a 3-D input (B, L, C) {tuple(x.shape)} needs H and W: call module(x, H, W)")
+        return self._run(x, initial_state, None)
+
+    def _run(self, x, initial_state, layout):
+        c = self.config
+        return gssm(x, self.gssm_params(), variant=c.variant, mask=c.mask, directions=c.directions,
+                    initial_state=initial_state, single_dt_bias=c.single_dt_bias, layout=layout)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"d_model={c.d_model}, d_state={c.d_state}, d_conv={c.d_conv}, expand={c.expand}, "
+                f"dt_rank={c.R}, variant={c.variant!r}, mask={c.mask!r}, directions={c.directions!r}")
+
