@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 
 import torch
@@ -32,6 +32,7 @@ except ImportError:  # built in place, not installed: use the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import gmamba_ext
 from bench_scan_cpu import timeit  # noqa: E402
+from bench_scan_gpu import peak_memory, timed  # noqa: E402
 from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams, gssm_ref  # noqa: E402
 
 # DESIGN.md: batch 8, (C, H = W), expand 1 (d = C / 2), N = 8; the block's d_conv 3.
@@ -60,10 +61,9 @@ def implementations(device, mamba_path):
     impls = {"fused": lambda x, p, cfg: gmamba_ext.gssm(x, p)}
     notes = []
     if device == "cpu":
-        try:
-            import mambapy.pscan  # noqa: F401
+        if importlib.util.find_spec("mambapy") is not None:
             impls["unfused_mambapy"] = lambda x, p, cfg: gssm_ref(x, p, cfg, scan=mambapy_scan)
-        except ImportError:
+        else:
             notes.append("mambapy is not installed: no unfused_mambapy column")
     else:
         try:
@@ -116,30 +116,6 @@ def agreement(runs):
             for name, (out, grads) in runs.items() if name != "fused"}
 
 
-def cuda_timed(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "n": reps}
-
-
-def cuda_peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def cuda_kernel_count(fn):
     """Kernels (and memsets/copies) the device ran for one call."""
     from torch.profiler import ProfilerActivity, profile
@@ -170,8 +146,8 @@ def bench(args):
                     budget = 4.0 if args.quick else 20.0
                     res = {"fwd": timeit(fwd, 1, 15, 3, budget), "fwd_bwd": timeit(fwd_bwd, 1, 15, 3, budget)}
                 else:
-                    res = {"fwd": cuda_timed(fwd, 3, args.reps), "fwd_bwd": cuda_timed(fwd_bwd, 3, args.reps),
-                           "peak_mib_fwd_bwd": cuda_peak_mib(fwd_bwd),
+                    res = {"fwd": timed(fwd, 3, args.reps), "fwd_bwd": timed(fwd_bwd, 3, args.reps),
+                           "peak_mib_fwd_bwd": peak_memory(fwd_bwd),
                            "kernels_fwd": cuda_kernel_count(fwd), "kernels_fwd_bwd": cuda_kernel_count(fwd_bwd)}
                 row["impl"][name] = res
                 print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} fwd {res['fwd']['median_ms']:9.2f} ms   "

@@ -38,7 +38,8 @@ def timed(fn, warmup, reps):
         end.synchronize()
         times.append(start.elapsed_time(end))
     q = statistics.quantiles(times, n=4)
-    return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "reps": reps}
+    return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "p25_ms": q[0], "p75_ms": q[2],
+            "reps": reps}
 
 
 def peak_memory(fn):

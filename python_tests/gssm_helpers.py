@@ -1,5 +1,7 @@
 """Random GSSM parameters for the tests: the spec's initialisation with its constant entries (D, freq_ratio,
 the low/high weights) randomised, so that every parameter changes the output."""
+import dataclasses
+
 import torch
 
 from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams
@@ -26,3 +28,17 @@ def cast(p, dtype=None, device=None):
     """The same parameters in another dtype / on another device."""
     return GSSMParams(**{k: (v.to(dtype=dtype, device=device) if v is not None else None)
                          for k, v in vars(p).items()})
+
+
+def param_fields(p):
+    """Names of the GSSMParams fields that hold tensors."""
+    return [f.name for f in dataclasses.fields(p) if getattr(p, f.name) is not None]
+
+
+def grads_of(fn, x, p, dout, dtype, device="cpu"):
+    """Gradients of fn(x, params) . dout with respect to x and every parameter, in dtype on device."""
+    names = param_fields(p)
+    xs = x.to(dtype=dtype, device=device).requires_grad_()
+    ts = [getattr(p, n).to(dtype=dtype, device=device).requires_grad_() for n in names]
+    fn(xs, p.replace(**dict(zip(names, ts)))).backward(dout.to(dtype=dtype, device=device))
+    return ["x"] + names, [xs.grad] + [t.grad for t in ts]

@@ -2,7 +2,6 @@
 hand computations in test_gssm_reference.py): every variant, mask and scan direction, odd and degenerate
 sizes, both layouts, float64 / float32 / bfloat16, initial states, state_dict input, autocast, float64
 gradcheck of x and every parameter, torch.compile and determinism."""
-import dataclasses
 import itertools
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_reference import gssm_ref
-from gssm_helpers import cast, make
+from gssm_helpers import cast, grads_of, make, param_fields
 
 f64 = torch.float64
 VARIANTS = ("full", "ssm", "fem_ssm", "dft_fgmm_ssm")
@@ -118,17 +117,13 @@ def test_state_dict_with_prefix():
     torch.testing.assert_close(gssm(x, sd, directions="bi"), gssm_ref(x, p, cfg), rtol=1e-10, atol=1e-10)
 
 
-def _param_fields(p):
-    return [f.name for f in dataclasses.fields(p) if getattr(p, f.name) is not None]
-
-
 @pytest.mark.parametrize("variant,mask,directions", [("full", "corner", "bi"), ("full", "symmetric", "four"),
                                                      ("ssm", "corner", "uni"), ("fem_ssm", "symmetric", "uni"),
                                                      ("dft_fgmm_ssm", "corner", "uni")])
 def test_gradcheck_x_and_every_parameter(variant, mask, directions):
     cfg, p, _ = make(8, variant=variant, mask=mask, directions=directions, d_state=3)
     x = x_for(cfg, 2, 4, 5).requires_grad_()
-    names = _param_fields(p)
+    names = param_fields(p)
     tensors = [getattr(p, n).detach().clone().requires_grad_() for n in names]
 
     def fn(x, *ts):
@@ -141,18 +136,10 @@ def test_gradients_match_reference_float32():
     """float32 gradients of x and every parameter against float64 autograd through the oracle."""
     cfg, p, g = make(32, directions="bi", d_state=8)
     x = x_for(cfg, 2, 12, 10)
-    names = _param_fields(p)
     dout = torch.randn(2, 12, 10, 32, generator=g, dtype=f64)
-
-    def grads(fn, dtype):
-        xs = x.to(dtype).requires_grad_()
-        ts = [getattr(p, n).to(dtype).requires_grad_() for n in names]
-        fn(xs, p.replace(**dict(zip(names, ts)))).backward(dout.to(dtype))
-        return [xs.grad] + [t.grad for t in ts]
-
-    got = grads(lambda x, q: gssm(x, q, directions="bi"), torch.float32)
-    want = grads(lambda x, q: gssm_ref(x, q, cfg), f64)
-    for name, a, b in zip(["x"] + names, got, want):
+    names, got = grads_of(lambda x, q: gssm(x, q, directions="bi"), x, p, dout, torch.float32)
+    _, want = grads_of(lambda x, q: gssm_ref(x, q, cfg), x, p, dout, f64)
+    for name, a, b in zip(names, got, want):
         scale = b.abs().max().item()
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * scale + 1e-7, msg=lambda m: f"{name}: {m}")
 

@@ -1,8 +1,6 @@
 """CUDA tests of gmamba_ext.gssm and its ops (conv_silu, fgmm): skipped without a GPU or without compiled
 CUDA kernels. Oracles: gssm_ref in float64 on the CPU for small shapes; for larger ones the CPU fused path
 in float64 (checked against gssm_ref to 1e-10 by test_gssm.py)."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_ops import conv_silu, conv_silu_torch, fgmm, fgmm_torch
 from gmamba_ext.gssm_reference import gssm_ref
-from gssm_helpers import cast, make
+from gssm_helpers import cast, grads_of, make
 from test_gssm_ops import conv_inputs, fgmm_inputs
 
 f64 = torch.float64
@@ -97,18 +95,10 @@ def test_gssm_cuda_autocast(dtype, size):
 def test_gssm_cuda_gradients_match_reference():
     cfg, p, g = make(32, directions="bi", d_state=8)
     x = x_for(cfg, 2, 12, 10)
-    names = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) is not None]
     dout = torch.randn(2, 12, 10, 32, generator=g, dtype=f64)
-
-    def grads(fn, dtype, device):
-        xs = x.to(dtype=dtype, device=device).requires_grad_()
-        ts = [getattr(p, n).to(dtype=dtype, device=device).requires_grad_() for n in names]
-        fn(xs, p.replace(**dict(zip(names, ts)))).backward(dout.to(dtype=dtype, device=device))
-        return [xs.grad] + [t.grad for t in ts]
-
-    got = grads(lambda x, q: gssm(x, q, directions="bi"), torch.float32, "cuda")
-    want = grads(lambda x, q: gssm_ref(x, q, cfg), f64, "cpu")
-    for name, a, b in zip(["x"] + names, got, want):
+    names, got = grads_of(lambda x, q: gssm(x, q, directions="bi"), x, p, dout, torch.float32, "cuda")
+    _, want = grads_of(lambda x, q: gssm_ref(x, q, cfg), x, p, dout, f64)
+    for name, a, b in zip(names, got, want):
         assert rel_err(a, b) < 1e-3, name
 
 
@@ -141,3 +131,21 @@ def test_compile_cuda():
     x = x_for(cfg, 2, 16, 16).float().cuda()
     fn = torch.compile(lambda x: gssm(x, p32), fullgraph=True)
     torch.testing.assert_close(fn(x), gssm(x, p32), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_cuda_autocast_and_matches_cpu(dtype):
+    from gmamba_ext.nn import GMambaBlock
+    torch.manual_seed(0)
+    block = GMambaBlock(64, window_size=None, directions="bi").eval()
+    x = torch.randn(2, 64, 28, 28)
+    want = block(x)
+    block_cuda = block.cuda()
+    xc = x.cuda().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(block_cuda(xc).cpu(), want, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=dtype):
+        got = block_cuda(xc)
+        mixed = block_cuda.mixer(xc.permute(0, 2, 3, 1))
+    assert mixed.dtype == dtype
+    assert rel_err(got, want) < 0.05
+    got.float().sum().backward()  # backward under autocast'ed graph

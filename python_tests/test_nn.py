@@ -68,6 +68,15 @@ def test_gssm_module_matches_reference(variant):
     torch.testing.assert_close(m(x.reshape(2, 42, 16), 6, 7), want.reshape(2, 42, 16), rtol=1e-10, atol=1e-10)
 
 
+def test_gssm_module_layout_argument():
+    torch.manual_seed(0)
+    m = GSSM(8, d_state=4, expand=1).double()
+    x = torch.randn(1, 8, 8, 8, dtype=f64).contiguous(memory_format=torch.channels_last)  # H = W = C: ambiguous
+    as_bchw = m(x, layout="bchw")
+    torch.testing.assert_close(as_bchw.permute(0, 2, 3, 1), m(x.permute(0, 2, 3, 1).contiguous(), layout="bhwc"))
+    assert not torch.allclose(as_bchw, m(x.contiguous(), layout="bhwc"))
+
+
 def test_gssm_module_gradients_reach_parameters():
     m = GSSM(16, d_state=4, expand=1)
     m(torch.randn(1, 8, 8, 16)).square().sum().backward()

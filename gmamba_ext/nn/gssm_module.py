@@ -40,8 +40,10 @@ class GSSM(nn.Module):
     """The GSSM mixer (GSSM_SPEC.md). Defaults are Mamba's (d_state 16, d_conv 4, expand 2); the GMamba block
     uses d_state 8, d_conv 3, expand 1.
 
-    forward(x, H=None, W=None): x is (B, H, W, C) tokens, (B, C, H, W) in channels_last memory format, or
-    (B, L, C) with H and W given (L = H * W); the result has x's shape. The sub-modules (in_proj, freq_ssm,
+    forward(x, H=None, W=None, initial_state=None, layout=None): x is (B, H, W, C) tokens, (B, C, H, W) in
+    channels_last memory format, or (B, L, C) with H and W given (L = H * W); the result has x's shape.
+    layout="bhwc" / "bchw" settles a 4-D input whose shape fits both readings (e.g. H = W = C with a
+    channels_last tensor); None detects it as gmamba_ext.gssm does. The sub-modules (in_proj, freq_ssm,
     ...) hold the parameters under the release's keys; the computation is the fused `gmamba_ext.gssm`, not
     these modules' own forwards.
     """
@@ -87,7 +89,7 @@ class GSSM(nn.Module):
         return GSSMParams(**{_field(k): v for k, v in self.named_parameters()})
 
     def forward(self, x: Tensor, H: Optional[int] = None, W: Optional[int] = None,
-                initial_state=None) -> Tensor:
+                initial_state=None, layout: Optional[str] = None) -> Tensor:
         if H is not None or W is not None:
             if H is None or W is None or not isinstance(x, Tensor) or x.dim() != 3:
                 raise ValueError(f"GSSM: with H and W, x must be (B, L, C) tokens and both H and W given; got "
@@ -99,7 +101,7 @@ class GSSM(nn.Module):
             return out.reshape(x.shape[0], H * W, -1)
         if isinstance(x, Tensor) and x.dim() == 3:
             raise ValueError(f"GSSM: a 3-D input (B, L, C) {tuple(x.shape)} needs H and W: call module(x, H, W)")
-        return self._run(x, initial_state, None)
+        return self._run(x, initial_state, layout)
 
     def _run(self, x, initial_state, layout):
         c = self.config
