@@ -7,7 +7,7 @@ marker square whose colour (red or green) decides the class of EVERY object in t
 background is class 0. The objects look the same in both cases, so a pixel's label depends on a marker
 that can be anywhere in the image.
 
-    python examples/train_segmentation.py [--steps 150] [--batch 16] [--size 64] [--out examples/out]
+    python examples/train_segmentation.py [--steps 300] [--batch 16] [--size 64] [--out examples/out]
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def progress(name: str, step: int, total: int, loss: float, t0: float) -> None:
 def train(name: str, model: torch.nn.Module, args, val):
     gen = torch.Generator().manual_seed(args.seed)  # the same training batches for every model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
         model.train()
@@ -77,6 +78,7 @@ def train(name: str, model: torch.nn.Module, args, val):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
@@ -89,20 +91,22 @@ def train(name: str, model: torch.nn.Module, args, val):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--positions", default="enc3,enc4,dec3", help="GMamba positions (of UNET_POSITIONS)")
+    p.add_argument("--layer-scale", type=float, default=0.1,
+                   help="initial layer scale of the GMamba blocks (small: they start near the identity)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    val = make_batch(64, args.size, torch.Generator().manual_seed(10_000))
+    val = make_batch(128, args.size, torch.Generator().manual_seed(10_000))
     positions = tuple(s for s in args.positions.split(",") if s)
-    models = {"unet": dict(gmamba_at=()), "ssm": dict(gmamba_at=positions, variant="ssm"),
-              "full": dict(gmamba_at=positions, variant="full")}
+    gm = dict(gmamba_at=positions, layer_scale=args.layer_scale)
+    models = {"unet": dict(gmamba_at=()), "ssm": dict(gm, variant="ssm"), "full": dict(gm, variant="full")}
     results = {}
     for name, kw in models.items():
         torch.manual_seed(args.seed)
