@@ -1,6 +1,6 @@
 #pragma once
 // Per-element arithmetic of the GSSM stages around the scan (depthwise conv + SiLU, FGMM mixing), shared by
-// the CPU and CUDA kernels so that both compute exactly the same expressions.
+// the CPU and CUDA kernels so that both compute the same expressions.
 #include <cstdint>
 
 #include "scan_math.h"
@@ -23,7 +23,9 @@ struct ConvShape {
 };
 
 // Pre-activation of the depthwise conv at token l, channel c of one sample's slab x (row stride =
-// channels). wt is the weight transposed to (width, channels), so a row of it is contiguous in c.
+// channels). wt is the weight transposed to (width, channels), so a row of it is contiguous in c. The GPU
+// uses this per-element form; the CPU sums the same terms in the same order a whole row at a time
+// (conv_row in gssm_cpu.cpp), which vectorises.
 template <typename in_t, typename acc_t>
 GMAMBA_HD_SMALL acc_t conv_pre(const in_t* x, const acc_t* wt, acc_t bias, int64_t l, int64_t c, const ConvShape& s) {
   acc_t v = bias;

@@ -135,11 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tens
 
 namespace {
 
-// The adaptive mixing weights a = softmax(relu(s w1^T + b1) w2^T + b2) and its hidden layer.
-std::pair<at::Tensor, at::Tensor> mixing_weights(const at::Tensor& s, const at::Tensor& w1, const at::Tensor& b1,
-                                                 const at::Tensor& w2, const at::Tensor& b2) {
-  at::Tensor h = at::relu(at::linear(s, w1, b1));
-  return {at::softmax(at::linear(h, w2, b2), -1), h};
+// The hidden layer of the adaptive mixing weights a = softmax(relu(s w1^T + b1) w2^T + b2).
+at::Tensor mixing_hidden(const at::Tensor& s, const at::Tensor& w1, const at::Tensor& b1) {
+  return at::relu(at::linear(s, w1, b1));
 }
 
 // Per-sample (a0 m, a1 m) with m = 1 + sigma(ratio) g.
@@ -163,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fgmm_forward(
   if (x1.numel() > 0) backend.fgmm_pool(x1, f, c, part);
   const at::Tensor s = part.sum(1) / static_cast<double>(len);
   const at::Tensor g = at::sigmoid(acc_view(gate_logit)).mean(1);
-  const at::Tensor a = mixing_weights(s, w1, b1, w2, b2).first;
+  const at::Tensor a = at::softmax(at::linear(mixing_hidden(s, w1, b1), w2, b2), -1);
   at::Tensor x2 = at::empty_like(x1);
   if (x1.numel() > 0) backend.fgmm_mix(x1, f, c, mixing_coef(a, g, ratio), x2);
   return {x2, s, a, g};
@@ -197,7 +195,7 @@ fgmm_backward(const at::Tensor& dx2, const at::Tensor& x1, const at::Tensor& f, 
   const at::Tensor dratio = sr * (1 - sr) * (g * dm).sum();
 
   // Back through softmax and the two-layer MLP on s.
-  const at::Tensor h = at::relu(at::linear(s, w1, b1));
+  const at::Tensor h = mixing_hidden(s, w1, b1);
   const at::Tensor dout = a * (da - (a * da).sum(1, true));
   const at::Tensor dw2 = dout.t().mm(h);
   const at::Tensor db2 = dout.sum(0);
