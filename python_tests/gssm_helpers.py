@@ -42,3 +42,18 @@ def grads_of(fn, x, p, dout, dtype, device="cpu"):
     ts = [getattr(p, n).to(dtype=dtype, device=device).requires_grad_() for n in names]
     fn(xs, p.replace(**dict(zip(names, ts)))).backward(dout.to(dtype=dtype, device=device))
     return ["x"] + names, [xs.grad] + [t.grad for t in ts]
+
+
+def assert_bitwise_reproducible(x, p, key, **options):
+    """gssm forward and the gradients of x and parameter `key` are identical over two runs."""
+    from gmamba_ext import gssm
+
+    def run():
+        xs = x.clone().requires_grad_()
+        w = p[key].clone().requires_grad_()
+        out = gssm(xs, p.replace(**{key: w}), **options)
+        out.square().sum().backward()
+        return out, xs.grad, w.grad
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)

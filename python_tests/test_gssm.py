@@ -10,7 +10,7 @@ import torch
 import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_reference import gssm_ref
-from gssm_helpers import cast, grads_of, make, param_fields
+from gssm_helpers import assert_bitwise_reproducible, cast, grads_of, make, param_fields
 
 f64 = torch.float64
 VARIANTS = ("full", "ssm", "fem_ssm", "dft_fgmm_ssm")
@@ -148,17 +148,7 @@ def test_deterministic_forward_and_backward():
     cfg, p, g = make(32, d_state=8, directions="four")
     p32 = cast(p, torch.float32)
     x = x_for(cfg, 2, 16, 16, dtype=torch.float32)
-
-    def run():
-        xs = x.clone().requires_grad_()
-        w = p32.in_proj_weight.clone().requires_grad_()
-        out = gssm(xs, p32.replace(in_proj_weight=w), directions="four")
-        out.square().sum().backward()
-        return out, xs.grad, w.grad
-
-    a, b = run(), run()
-    for t, u in zip(a, b):
-        assert torch.equal(t, u)
+    assert_bitwise_reproducible(x, p32, "in_proj.weight", directions="four")
 
 
 def test_compile_fullgraph():

@@ -8,7 +8,7 @@ import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_ops import conv_silu, conv_silu_torch, fgmm, fgmm_torch
 from gmamba_ext.gssm_reference import gssm_ref
-from gssm_helpers import cast, grads_of, make
+from gssm_helpers import assert_bitwise_reproducible, cast, grads_of, make
 from test_gssm_ops import conv_inputs, fgmm_inputs
 
 f64 = torch.float64
@@ -106,17 +106,7 @@ def test_gssm_cuda_deterministic():
     cfg, p, _ = make(64, d_state=8, directions="four")
     p32 = cast(p, torch.float32, "cuda")
     x = x_for(cfg, 4, 32, 32).float().cuda()
-
-    def run():
-        xs = x.clone().requires_grad_()
-        w = p32.freq_ratio.clone().requires_grad_()
-        out = gssm(xs, p32.replace(freq_ratio=w), directions="four")
-        out.square().sum().backward()
-        return out, xs.grad, w.grad
-
-    a, b = run(), run()
-    for t, u in zip(a, b):
-        assert torch.equal(t, u)
+    assert_bitwise_reproducible(x, p32, "freq_ratio", directions="four")
 
 
 def test_opcheck_cuda():
