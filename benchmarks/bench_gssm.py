@@ -69,8 +69,13 @@ def implementations(device, mamba_path):
         try:
             import mamba_ssm_baseline
             mamba_ssm_baseline.load(mamba_path) if mamba_path else mamba_ssm_baseline.load()
-            impls["unfused_mamba_ssm"] = lambda x, p, cfg: gssm_ref(x, p, cfg,
-                                                                  scan=mamba_ssm_baseline.selective_scan_fn)
+            def mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+                # mamba-ssm takes D and delta_bias in float32 only (its Mamba module keeps them so)
+                return mamba_ssm_baseline.selective_scan_fn(
+                    u, delta, A, B, C, None if D is None else D.float(), z,
+                    None if delta_bias is None else delta_bias.float(), delta_softplus)
+
+            impls["unfused_mamba_ssm"] = lambda x, p, cfg: gssm_ref(x, p, cfg, scan=mamba_scan)
         except Exception as error:  # noqa: BLE001 - any failure to load just drops the column
             notes.append(f"mamba-ssm unavailable ({error}): no unfused_mamba_ssm column")
     impls["unfused_gmamba_scan"] = lambda x, p, cfg: gssm_ref(x, p, cfg, scan=gmamba_ext.selective_scan)
