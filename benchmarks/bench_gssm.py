@@ -160,8 +160,9 @@ def bench(args):
             row["max_rel_diff_vs_fused"] = agreement(runs)
             tol = 2e-3 if dtype == torch.float32 else 5e-2
             bad = {k: v for k, v in row["max_rel_diff_vs_fused"].items() if v > tol}
-            if bad:
-                raise AssertionError(f"implementations disagree with the fused gssm at C={C}, H={H}: {bad}")
+            row["agrees"] = not bad
+            if bad:  # recorded and shown, not fatal: one disagreement must not cost the rest of a GPU run
+                print(f"  WARNING: implementations disagree with the fused gssm beyond {tol} at C={C}, H={H}: {bad}")
             rows.append(row)
     return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "quick": args.quick, "notes": notes, "rows": rows}
@@ -200,7 +201,12 @@ def markdown(report):
                 " | ".join(str(r["impl"][b]["kernels_fwd"]) for b in baselines) + " |"
         lines.append(line)
     lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
-              "faster). Gradients: x and every parameter."]
+              "faster). Gradients: x and every parameter.", "",
+              "Largest relative difference of outputs and gradients from the fused path (agreement checked "
+              "before timing):"]
+    for r in report["rows"]:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff_vs_fused"].items())
+        lines.append(f"- {r['dtype']} C={r['C']} H={r['H']}: {diffs}{'' if r.get('agrees', True) else '  (DISAGREES)'}")
     return "\n".join(lines) + "\n"
 
 
