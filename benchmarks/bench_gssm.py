@@ -82,6 +82,13 @@ def implementations(device, mamba_path):
     return impls, notes
 
 
+def shapes_of(spec):
+    """"96x128,768x16" -> [(96, 128), (768, 16)]; None -> DESIGN.md's SHAPES."""
+    if not spec:
+        return SHAPES
+    return [tuple(int(v) for v in item.split("x")) for item in spec.split(",")]
+
+
 def make_case(batch, C, H, device, dtype, seed=0):
     cfg = GSSMConfig(d_model=C, expand=1, d_state=8, d_conv=3)
     g = torch.Generator().manual_seed(seed)
@@ -135,11 +142,16 @@ def cuda_kernel_count(fn):
 def bench(args):
     device = args.device
     impls, notes = implementations(device, args.mamba_ssm)
+
+    def report(rows):
+        return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "quick": args.quick, "notes": notes, "rows": rows}
+
     batch = args.batch or (2 if args.quick and device == "cpu" else 8)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     rows = []
     for dtype in dtypes:
-        for C, H in SHAPES:
+        for C, H in shapes_of(args.shapes):
             cfg, params, x = make_case(batch, C, H, device, dtype)
             row = {"batch": batch, "C": C, "H": H, "W": H, "d": cfg.d, "N": cfg.d_state, "dtype": str(dtype)[6:],
                    "impl": {}}
@@ -164,8 +176,8 @@ def bench(args):
             if bad:  # recorded and shown, not fatal: one disagreement must not cost the rest of a GPU run
                 print(f"  WARNING: implementations disagree with the fused gssm beyond {tol} at C={C}, H={H}: {bad}")
             rows.append(row)
-    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "quick": args.quick, "notes": notes, "rows": rows}
+            write(args, report(rows))  # after every row: a run cut short keeps what it measured
+    return report(rows)
 
 
 def device_name(device):
@@ -210,17 +222,8 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("--quick", action="store_true", help="CPU: batch 2 and shorter time budgets")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--dtypes", default="float32")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
-    args = parser.parse_args()
-    report = bench(args)
+def write(args, report):
+    """Writes gssm_<device>.json and .md under args.out; returns the Markdown."""
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"gssm_{args.device}")
     with open(stem + ".json", "w") as f:
@@ -228,7 +231,21 @@ def main():
     md = markdown(report)
     with open(stem + ".md", "w") as f:
         f.write(md)
-    print(md)
+    return md
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--quick", action="store_true", help="CPU: batch 2 and shorter time budgets")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--shapes", default=None, help='C x H pairs, e.g. "96x128,768x16" (default: DESIGN.md)')
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
+    args = parser.parse_args()
+    print(write(args, bench(args)))
 
 
 if __name__ == "__main__":
