@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .gssm_ops import conv_silu, fgmm
-from .gssm_reference import GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys
+from .gssm_reference import GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, fem_low_mask
 from .ops import selective_scan_channels_last
 from .reference import accumulation_dtype
 
@@ -94,12 +94,8 @@ def _fem_low(x1: Tensor, H: int, W: int, mask: str) -> Optional[Tensor]:
     X = torch.fft.fft(torch.fft.rfft(xf, dim=2)[:, :, :ncol], dim=1)  # (B, H, ncol, d)
     if mask == "corner":
         Y = torch.fft.ifft(X[:, :n], n=H, dim=1)  # the kept rows u < n, zero-padded
-    else:
-        top, bottom = (n + 1) // 2, n // 2
-        rows = torch.zeros(H, dtype=X.real.dtype, device=X.device)
-        rows[:top] = 1
-        if bottom:
-            rows[H - bottom:] = 1
+    else:  # the mask's kept rows (column 0 is always kept when the mask is not empty)
+        rows = fem_low_mask(H, W, mask, device=X.device, dtype=X.real.dtype)[:, 0]
         Y = torch.fft.ifft(X * rows[:, None, None], dim=1)
     return torch.fft.irfft(Y, n=W, dim=2).reshape(B, L, d).to(x1.dtype)
 

@@ -44,6 +44,27 @@ struct CpuTasks {
     return LaneSet{b, g, g * s.dim_per_group + first, 0,
                    static_cast<int>(std::min<int64_t>(kLanes, s.dim_per_group - first))};
   }
+  // Packs [first, last)'s states between a (B, d, N) tensor and the task's slabs (N x kLanes per pack,
+  // lanes past the pack's channels zero).
+  template <typename acc_t>
+  void gather(const ScanShape& s, int64_t first, int64_t last, const acc_t* from, acc_t* slabs) const {
+    for (int64_t p = first; p < last; ++p) {
+      const LaneSet ls = lanes(s, p);
+      acc_t* slab = slabs + (p - first) * s.dstate * kLanes;
+      for (int64_t n = 0; n < s.dstate; ++n)
+        for (int w = 0; w < kLanes; ++w)
+          slab[n * kLanes + w] = w < ls.active ? from[s.state_index(ls.b, ls.c0 + w, n)] : acc_t(0);
+    }
+  }
+  template <typename acc_t>
+  void scatter(const ScanShape& s, int64_t first, int64_t last, const acc_t* slabs, acc_t* to) const {
+    for (int64_t p = first; p < last; ++p) {
+      const LaneSet ls = lanes(s, p);
+      const acc_t* slab = slabs + (p - first) * s.dstate * kLanes;
+      for (int64_t n = 0; n < s.dstate; ++n)
+        for (int w = 0; w < ls.active; ++w) to[s.state_index(ls.b, ls.c0 + w, n)] = slab[n * kLanes + w];
+    }
+  }
 };
 
 template <typename in_t, typename acc_t>
@@ -56,13 +77,7 @@ void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
     for (int64_t task = begin; task < end; ++task) {
       const auto [first, last] = tasks.packs(task);
       // last_state holds initial_state (or zeros) on entry: the scan starts from it.
-      for (int64_t p = first; p < last; ++p) {
-        const LaneSet ls = tasks.lanes(s, p);
-        acc_t* state = states.data() + (p - first) * slab;
-        for (int64_t n = 0; n < s.dstate; ++n)
-          for (int w = 0; w < kLanes; ++w)
-            state[n * kLanes + w] = w < ls.active ? a.last_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
-      }
+      tasks.gather(s, first, last, a.last_state, states.data());
       for (int64_t k = 0; k < s.nchunks; ++k)
         for (int64_t p = first; p < last; ++p) {
           LaneSet ls = tasks.lanes(s, p);
@@ -77,13 +92,7 @@ void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
           x.load(a, ls);
           chunk_forward<true>(a, ls, x, read, write);
         }
-      for (int64_t p = first; p < last; ++p) {
-        const LaneSet ls = tasks.lanes(s, p);
-        const acc_t* state = states.data() + (p - first) * slab;
-        for (int64_t n = 0; n < s.dstate; ++n)
-          for (int w = 0; w < ls.active; ++w)
-            a.last_state[s.state_index(ls.b, ls.c0 + w, n)] = state[n * kLanes + w];
-      }
+      tasks.scatter(s, first, last, states.data(), a.last_state);
     }
   });
 }
@@ -98,13 +107,7 @@ void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
     for (int64_t task = begin; task < end; ++task) {
       const auto [first, last] = tasks.packs(task);
       // dinitial_state holds dlast_state (or zeros) on entry: the adjoint of the final state.
-      for (int64_t p = first; p < last; ++p) {
-        const LaneSet ls = tasks.lanes(s, p);
-        acc_t* carry = carries.data() + (p - first) * slab;
-        for (int64_t n = 0; n < s.dstate; ++n)
-          for (int w = 0; w < kLanes; ++w)
-            carry[n * kLanes + w] = w < ls.active ? a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] : 0;
-      }
+      tasks.gather(s, first, last, a.dinitial_state, carries.data());
       for (int64_t k = s.nchunks - 1; k >= 0; --k)
         for (int64_t p = first; p < last; ++p) {
           LaneSet ls = tasks.lanes(s, p);
@@ -143,13 +146,7 @@ void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
           x.load(a.f, ls);
           chunk_backward(a, ls, x, ckpt, carry_in, carry_out, emit);
         }
-      for (int64_t p = first; p < last; ++p) {
-        const LaneSet ls = tasks.lanes(s, p);
-        const acc_t* carry = carries.data() + (p - first) * slab;
-        for (int64_t n = 0; n < s.dstate; ++n)
-          for (int w = 0; w < ls.active; ++w)
-            a.dinitial_state[s.state_index(ls.b, ls.c0 + w, n)] = carry[n * kLanes + w];
-      }
+      tasks.scatter(s, first, last, carries.data(), a.dinitial_state);
     }
   });
 }
