@@ -103,11 +103,18 @@ def make_extension():
     cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp-simd", "-fno-trapping-math"]
     if env_flag("GMAMBA_NATIVE") is not False:
         cxx.append("-march=native")
+    # at::parallel_for is inline: in an OpenMP build of torch its `omp parallel` is compiled into our
+    # object, and without -fopenmp it silently runs on one thread (every CPU kernel was serial until this).
+    # The runtime is the libgomp.so.1 that torch has already loaded (same soname), so there is one pool.
+    link = []
+    if torch.backends.openmp.is_available():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:
         write_build_info(False, None)
         return CppExtension("gmamba_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = cuda_archs()
     wheel_include, wheel_lib = nvidia_wheel_dirs()
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20" if torch_needs_cxx20() else "-std=c++17"]
@@ -122,6 +129,7 @@ def make_extension():
         library_dirs=wheel_lib,
         define_macros=[("GMAMBA_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
