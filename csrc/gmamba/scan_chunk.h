@@ -1,8 +1,9 @@
 #pragma once
-// The selective scan over one chunk of kChunk steps for W channel lanes, shared by both backends:
-// the CUDA kernels run it with W = 1 (one channel per thread, a warp spans 32 channels); the CPU kernels
-// run it with W = 8 (lane loops the compiler vectorises). State n is the outer loop, so the per-step
-// arrays (T x W values) stay in registers whatever d_state is, and no (L, N) tensor is ever stored.
+// The selective scan over one chunk of kChunk steps for W channel lanes, written for the CUDA kernels
+// (W = 1: one channel per thread, a warp spans 32 channels). The CPU kernels have their own form of the
+// same recurrences (csrc/cpu/scan_cpu_chunk.h: [step][lane] tiles, vector prologues and epilogues).
+// State n is the outer loop, so the per-step arrays (T x W values) stay in registers whatever d_state is,
+// and no (L, N) tensor is ever stored.
 //
 // Forward, one state n:   s_t = exp(dt_t A_n) s_{t-1} + dt_t B_t u_t,   y_t += C_t s_t
 // Backward, one state n (g_t = total adjoint of s_t, reverse order, carry = adjoint of the chunk's end):

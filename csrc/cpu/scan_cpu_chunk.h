@@ -1,0 +1,307 @@
+#pragma once
+// The CPU selective scan over one chunk of kChunk steps for a pack of kLanes channels: one SIMD vector of
+// lanes per step. Same math as gmamba/scan_chunk.h (the CUDA kernels' one-channel-per-thread form, where
+// the recurrences are written out); this form is the CPU's own because different things cost time here.
+// Everything that does not depend on the state index n (dt, dt u, silu(z), dy, the epilogues) is done once
+// per chunk in vector loops over whole [step][lane] tiles, B and C are read through a pointer and a stride,
+// and full packs and chunks take branch-free loads and stores. In the shared form the per-element
+// branches, index arithmetic and scalar sigmoids of the prologue and epilogue took longer than the scan.
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/lane_transpose.h"
+#include "gmamba/fast_exp.h"
+#include "gmamba/scan_math.h"
+#include "gmamba/scan_params.h"
+
+namespace gmamba::cpu {
+
+constexpr int kLanes = 8;
+constexpr int kSteps = kChunk;
+static_assert(kLanes == 8 && kSteps % 8 == 0, "tiles are moved as 8 x 8 blocks");
+
+template <typename acc_t>
+using Tile = acc_t[kSteps][kLanes];
+
+// Lanes w < active are channels c0 + w of group g in batch b; steps t < valid are positions l0 + t.
+// tile is the pack's index within its group (for the per-pack dB / dC partials).
+struct PackChunk {
+  int64_t b, g, c0, tile, k, l0;
+  int active, valid;
+  bool full() const { return active == kLanes && valid == kSteps; }
+  bool inside(int t, int w) const { return t < valid && w < active; }
+};
+
+#define GMAMBA_STEPS _Pragma("GCC unroll 16")
+
+// v[t][w] = x[b, c0 + w, l0 + t] inside the pack's chunk, 0 outside.
+template <typename in_t, typename acc_t>
+GMAMBA_HOST_INLINE void load_tile(const in_t* x, const ScanShape& s, const PackChunk& p, Tile<acc_t>& v) {
+  const in_t* base = x + s.x_index(p.b, p.c0, p.l0);
+  if (p.full() && s.channels_last) {
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) v[t][w] = static_cast<acc_t>(base[t * s.sl + w]);
+  } else if (p.full()) {
+    // Channels-first: 8 x 8 transposes of the pack's rows (converted to acc_t first where in_t is not).
+    if constexpr (std::is_same_v<in_t, acc_t>) {
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(base + t, s.sc, &v[t][0], kLanes);
+    } else {
+      acc_t rows[kLanes][kSteps];
+      for (int w = 0; w < kLanes; ++w)
+        GMAMBA_LANES for (int t = 0; t < kSteps; ++t) rows[w][t] = static_cast<acc_t>(base[w * s.sc + t]);
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&rows[0][t], kSteps, &v[t][0], kLanes);
+    }
+  } else {
+    for (int t = 0; t < kSteps; ++t)
+      for (int w = 0; w < kLanes; ++w)
+        v[t][w] = p.inside(t, w) ? static_cast<acc_t>(base[t * s.sl + w * s.sc]) : acc_t(0);
+  }
+}
+
+// x[b, c0 + w, l0 + t] = v[t][w] inside the pack's chunk.
+template <typename in_t, typename acc_t>
+GMAMBA_HOST_INLINE void store_tile(in_t* x, const ScanShape& s, const PackChunk& p, const Tile<acc_t>& v) {
+  in_t* base = x + s.x_index(p.b, p.c0, p.l0);
+  if (p.full() && s.channels_last) {
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) base[t * s.sl + w] = static_cast<in_t>(v[t][w]);
+  } else if (p.full()) {
+    if constexpr (std::is_same_v<in_t, acc_t>) {
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][0], kLanes, base + t, s.sc);
+    } else {
+      acc_t rows[kLanes][kSteps];
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][0], kLanes, &rows[0][t], kSteps);
+      for (int w = 0; w < kLanes; ++w)
+        GMAMBA_LANES for (int t = 0; t < kSteps; ++t) base[w * s.sc + t] = static_cast<in_t>(rows[w][t]);
+    }
+  } else {
+    for (int t = 0; t < p.valid; ++t)
+      for (int w = 0; w < p.active; ++w) base[t * s.sl + w * s.sc] = static_cast<in_t>(v[t][w]);
+  }
+}
+
+// A per-channel vector (D, delta_bias) over the pack's lanes; 0 where absent or past the pack.
+template <typename acc_t>
+GMAMBA_HOST_INLINE void load_lanes(const acc_t* x, const PackChunk& p, acc_t (&v)[kLanes]) {
+  for (int w = 0; w < kLanes; ++w) v[w] = x && w < p.active ? x[p.c0 + w] : acc_t(0);
+}
+
+// The chunk's step inputs: u, the discretised dt (0 on padding: an identity step), dt u, and the raw
+// delta + bias that softplus saw (the backward needs it).
+template <typename acc_t>
+struct StepTiles {
+  Tile<acc_t> u, dt, dtu, pre;
+
+  template <typename in_t>
+  GMAMBA_HOST_INLINE void load(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p) {
+    const ScanShape& s = a.s;
+    acc_t bias[kLanes];
+    load_lanes(a.delta_bias, p, bias);
+    load_tile(a.u, s, p, u);
+    load_tile(a.delta, s, p, pre);
+    // Branches hoisted out of the lane loops: GCC left the loop scalar with them inside.
+    if (s.softplus) {
+      GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+        GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] = softplus(pre[t][w] += bias[w]);
+    } else {
+      GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+        GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] = pre[t][w] += bias[w];
+    }
+    if (!p.full())
+      for (int t = 0; t < kSteps; ++t)
+        for (int w = 0; w < kLanes; ++w)
+          if (!p.inside(t, w)) dt[t][w] = acc_t(0);
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dtu[t][w] = dt[t][w] * u[t][w];
+  }
+};
+
+// Column n of B or C over the chunk's steps and the pack's lanes (0 on padding). A variable column's
+// first and last steps of the chunk `ahead` steps away are prefetched: with B and C channels-first, each
+// state is its own stream, more than the hardware prefetcher follows (the backward stalled 10% of its
+// time on the first load of each column).
+template <typename acc_t>
+GMAMBA_HOST_INLINE void load_column(const BCView<acc_t>& v, const PackChunk& p, int64_t n, int64_t ahead,
+                                    Tile<acc_t>& col) {
+  if (v.variable) {
+    const acc_t* q = v.ptr + p.b * v.sb + p.g * v.sg + n * v.sn + p.l0 * v.sl;
+    __builtin_prefetch(q + ahead * v.sl);
+    __builtin_prefetch(q + (ahead + kSteps - 1) * v.sl);
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
+      const acc_t x = t < p.valid ? q[t * v.sl] : acc_t(0);
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) col[t][w] = x;
+    }
+    return;
+  }
+  acc_t lanes[kLanes];
+  const acc_t* q = v.ptr + p.c0 * v.sc + n * v.sn;
+  for (int w = 0; w < kLanes; ++w) lanes[w] = w < p.active ? q[w * v.sc] : acc_t(0);
+  GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) col[t][w] = t < p.valid ? lanes[w] : acc_t(0);
+}
+
+// A (d, N) transposed to the pack's [n][lane] slab, once per pack (A is read every chunk).
+template <typename acc_t>
+GMAMBA_HOST_INLINE void load_a_slab(const acc_t* A, int64_t dstate, const PackChunk& p, acc_t* slab) {
+  for (int64_t n = 0; n < dstate; ++n)
+    for (int w = 0; w < kLanes; ++w) slab[n * kLanes + w] = w < p.active ? A[(p.c0 + w) * dstate + n] : acc_t(0);
+}
+
+// Per-chunk (B, nchunks, N, d) buffers (checkpoints, dA partials): row n of the pack's chunk <-> a slab.
+template <typename acc_t>
+GMAMBA_HOST_INLINE acc_t* chunk_row(acc_t* buf, const ScanShape& s, const PackChunk& p, int64_t n) {
+  return buf + s.chunk_state_index(p.b, p.k, n, p.c0);
+}
+
+// Runs the chunk from state (the pack's [n][lane] slab, updated in place), writes the checkpoint of the
+// chunk's start and out = (sum_n C s + D u) * silu(z).
+template <typename in_t, typename acc_t>
+void forward_chunk(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* state) {
+  const ScanShape& s = a.s;
+  StepTiles<acc_t> x;
+  x.load(a, p);
+  Tile<acc_t> y = {}, Bc, Cc;
+  for (int64_t n = 0; n < s.dstate; ++n) {
+    acc_t* ckpt = chunk_row(a.checkpoints, s, p, n);
+    acc_t* st_n = state + n * kLanes;
+    for (int w = 0; w < p.active; ++w) ckpt[w] = st_n[w];
+    load_column(a.B, p, n, kSteps, Bc);
+    load_column(a.C, p, n, kSteps, Cc);
+    const acc_t* A_n = a_slab + n * kLanes;
+    acc_t st[kLanes];
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) st[w] = st_n[w];
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
+        st[w] = scan_step(fast_exp(x.dt[t][w] * A_n[w]), st[w], x.dtu[t][w] * Bc[t][w]);
+        y[t][w] += Cc[t][w] * st[w];
+      }
+    }
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) st_n[w] = st[w];
+  }
+  acc_t D[kLanes];
+  load_lanes(a.D, p, D);
+  GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) y[t][w] += D[w] * x.u[t][w];
+  if (a.z) {
+    Tile<acc_t> z;
+    load_tile(a.z, s, p, z);
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) y[t][w] *= silu(z[t][w]);
+  }
+  store_tile(a.out, s, p, y);
+}
+
+// Where the backward's per-pack dB / dC go (see ScanBwdArgs): a variable B / C gets each step's sum over
+// the pack's lanes in the pack's own row; a constant one gets each lane's sum over the chunk's steps.
+template <typename in_t, typename acc_t>
+GMAMBA_HOST_INLINE void emit_bc_grad(const ScanBwdArgs<in_t, acc_t>& a, const BCView<acc_t>& view, acc_t* part,
+                                     const PackChunk& p, int64_t n, const Tile<acc_t>& v) {
+  const ScanShape& s = a.f.s;
+  if (view.variable) {
+    acc_t* row = part + (((p.b * s.groups + p.g) * a.tiles + p.tile) * s.dstate + n) * s.len + p.l0;
+    acc_t sums[kSteps];
+    row_sums_8(v, sums);
+    for (int t = 0; t < p.valid; ++t) row[t] = sums[t];
+    return;
+  }
+  acc_t sum[kLanes] = {};
+  GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) sum[w] += v[t][w];
+  acc_t* out = chunk_row(part, s, p, n);
+  for (int w = 0; w < p.active; ++w) out[w] = sum[w];
+}
+
+// Backward through one chunk from its checkpoint. carry (the pack's [n][lane] slab) holds the adjoint of
+// the chunk's end state and becomes that of its start. Writes du, ddelta, dz and the chunk's partials of
+// dA, dB, dC, dD and delta_bias. Recurrences: see gmamba/scan_chunk.h.
+template <typename in_t, typename acc_t>
+void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* carry) {
+  const ScanShape& s = a.f.s;
+  StepTiles<acc_t> x;
+  x.load(a.f, p);
+  Tile<acc_t> dout, z, dy, y = {}, ddt = {}, du = {};
+  load_tile(a.dout, s, p, dout);
+  if (a.f.z) {
+    load_tile(a.f.z, s, p, z);
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dy[t][w] = dout[t][w] * silu(z[t][w]);
+  } else {
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dy[t][w] = dout[t][w];
+  }
+
+  for (int64_t n = 0; n < s.dstate; ++n) {
+    Tile<acc_t> st, Bc, Cc, decay;
+    load_column(a.f.B, p, n, -kSteps, Bc);
+    load_column(a.f.C, p, n, -kSteps, Cc);
+    const acc_t* A_n = a_slab + n * kLanes;
+    const acc_t* ckpt = chunk_row(a.f.checkpoints, s, p, n);
+    acc_t s0[kLanes];
+    for (int w = 0; w < kLanes; ++w) s0[w] = w < p.active ? ckpt[w] : acc_t(0);
+    // Recompute this state's trajectory through the chunk (and y, which dz needs).
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
+        decay[t][w] = fast_exp(x.dt[t][w] * A_n[w]);
+        st[t][w] = scan_step(decay[t][w], t == 0 ? s0[w] : st[t - 1][w], x.dtu[t][w] * Bc[t][w]);
+        y[t][w] += Cc[t][w] * st[t][w];
+      }
+    }
+    acc_t g[kLanes], dA[kLanes] = {};
+    acc_t* carry_n = carry + n * kLanes;
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) g[w] = carry_n[w];
+    // Step t's B, C and state are dead once step t is done: Bc[t] becomes dB_t and st[t] becomes dC_t.
+    GMAMBA_STEPS for (int t = kSteps - 1; t >= 0; --t) {
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
+        const acc_t prev = t == 0 ? s0[w] : st[t - 1][w];
+        g[w] += Cc[t][w] * dy[t][w];
+        const acc_t g_decay_prev = g[w] * decay[t][w] * prev;
+        ddt[t][w] += g_decay_prev * A_n[w] + g[w] * Bc[t][w] * x.u[t][w];
+        du[t][w] += g[w] * x.dt[t][w] * Bc[t][w];
+        dA[w] += g_decay_prev * x.dt[t][w];
+        Bc[t][w] = g[w] * x.dtu[t][w];
+        st[t][w] = dy[t][w] * st[t][w];
+        g[w] *= decay[t][w];
+      }
+    }
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) carry_n[w] = g[w];
+    acc_t* dA_row = chunk_row(a.dA_part, s, p, n);
+    for (int w = 0; w < p.active; ++w) dA_row[w] = dA[w];
+    emit_bc_grad(a, a.f.B, a.dB_part, p, n, Bc);
+    emit_bc_grad(a, a.f.C, a.dC_part, p, n, st);
+  }
+
+  // Per-step gradients of u, delta, z, and the chunk's partials of D and delta_bias (padding contributes
+  // nothing: dy is 0 there, and ddelta is masked because ddt is not).
+  acc_t D[kLanes], dD[kLanes] = {}, dbias[kLanes] = {};
+  load_lanes(a.f.D, p, D);
+  GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
+      dD[w] += dy[t][w] * x.u[t][w];
+      du[t][w] += D[w] * dy[t][w];
+    }
+  }
+  if (s.softplus)
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) ddt[t][w] *= softplus_grad(x.pre[t][w]);
+  if (!p.full())
+    for (int t = 0; t < kSteps; ++t)
+      for (int w = 0; w < kLanes; ++w)
+        if (!p.inside(t, w)) ddt[t][w] = acc_t(0);
+  GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dbias[w] += ddt[t][w];
+  if (a.f.z)
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w)
+        z[t][w] = dout[t][w] * (y[t][w] + D[w] * x.u[t][w]) * silu_grad(z[t][w]);
+  store_tile(a.du, s, p, du);
+  store_tile(a.ddelta, s, p, ddt);
+  if (a.f.z) store_tile(a.dz, s, p, z);
+  for (int w = 0; w < p.active; ++w) {
+    a.dD_part[s.chunk_index(p.b, p.k, p.c0 + w)] = dD[w];
+    a.dbias_part[s.chunk_index(p.b, p.k, p.c0 + w)] = dbias[w];
+  }
+}
+
+#undef GMAMBA_STEPS
+
+}  // namespace gmamba::cpu
