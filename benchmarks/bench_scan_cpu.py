@@ -7,7 +7,7 @@ All compute out = (sum_n C s + D u) * silu(z), s_l = exp(delta A) s_{l-1} + delt
 softplus(delta_raw + delta_bias), on the same inputs; outputs and gradients are checked to agree first.
 Reports median and IQR of wall-clock times after warm-up; writes JSON and prints a Markdown table.
 
-    python benchmarks/bench_scan_cpu.py [--quick] [--threads 2] [--out benchmarks/out/scan_cpu.json]
+    python benchmarks/bench_scan_cpu.py [--quick] [--batch 8] [--shapes 48:16384:8,...] [--threads 2] [--out ...]
 """
 from __future__ import annotations
 
@@ -240,8 +240,14 @@ def main():
     p.add_argument("--ref-max-s", type=float, default=None,
                    help="skip the reference where one call would take longer (default 1 s quick, 5 s full)")
     p.add_argument("--tol", type=float, default=1e-4, help="max relative disagreement allowed before timing")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 1 quick, 8 full)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated d:L:N triples to run instead of DESIGN.md's list, e.g. 48:16384:8,1536:196:16")
     args = p.parse_args()
-    shapes = [(1,) + s[1:] for s in SHAPES] if args.quick else SHAPES
+    batch = args.batch or (1 if args.quick else 8)
+    shapes = ([tuple(int(v) for v in spec.split(":")) for spec in args.shapes.split(",")] if args.shapes
+              else [s[1:] for s in SHAPES])
+    shapes = [(batch,) + s for s in shapes]
     args.warmup, args.repeats, args.min_repeats, args.max_s = (1, 15, 3, 2.0) if args.quick else (3, 50, 5, 20.0)
     if args.ref_max_s is None:
         args.ref_max_s = 1.0 if args.quick else 5.0
@@ -249,7 +255,7 @@ def main():
     if not gmamba_ext.HAS_EXTENSION:
         sys.exit("gmamba_ext has no compiled extension here: build it first (pip install --no-build-isolation .)")
 
-    header = (f"# selective_scan on CPU ({'QUICK: batch 1, ' if args.quick else ''}{args.threads} threads, "
+    header = (f"# selective_scan on CPU ({'QUICK, ' if args.quick else ''}batch {batch}, {args.threads} threads, "
               f"warm-up {args.warmup}, up to {args.repeats} runs or {args.max_s:g} s per cell; median (IQR) ms; "
               f"float32, with D, z, delta_bias, softplus; load average at start {os.getloadavg()[0]:.1f})")
     print(header, flush=True)

@@ -132,7 +132,8 @@ void backward_cpu(const ScanInputs& in, const ScanShape& s, const at::Tensor& do
 
 struct CpuBackend {
   static const ScanBackend& get() {
-    static const ScanBackend backend{forward_cpu, backward_cpu, kLanes};
+    // Every pack writes its lanes of every partial row for every chunk (cpu/scan_cpu_chunk.h).
+    static const ScanBackend backend{forward_cpu, backward_cpu, kLanes, /*writes_every_partial=*/true};
     return backend;
   }
 };

@@ -251,21 +251,24 @@ ScanGrads scan_backward(const ScanInputs& in, const at::Tensor& dout, const std:
 
   const auto acc_opts = in.u.options().dtype(acc);
   const int64_t tiles = (s.dim_per_group + backend.tile_width - 1) / backend.tile_width;
+  const bool runs = s.batch > 0 && s.dim > 0 && s.len > 0;
+  auto part = [&](at::IntArrayRef sizes) {
+    return runs && backend.writes_every_partial ? at::empty(sizes, acc_opts) : at::zeros(sizes, acc_opts);
+  };
   auto bc_part = [&](const at::Tensor& t) {
-    return t.dim() == 2 ? at::zeros({s.batch, s.nchunks, s.dstate, s.dim}, acc_opts)
-                        : at::zeros({s.batch, s.groups, tiles, s.dstate, s.len}, acc_opts);
+    return t.dim() == 2 ? part({s.batch, s.nchunks, s.dstate, s.dim}) : part({s.batch, s.groups, tiles, s.dstate, s.len});
   };
   std::vector<at::Tensor> buf(kNumBwdBuffers);
   buf[kDu] = at::empty_like(in.u);
   buf[kDdelta] = at::empty_like(in.u);
   buf[kDz] = in.z.has_value() ? at::empty_like(in.u) : empty_grad(in.u);
-  buf[kDAPart] = at::zeros({s.batch, s.nchunks, s.dstate, s.dim}, acc_opts);
+  buf[kDAPart] = part({s.batch, s.nchunks, s.dstate, s.dim});
   buf[kDBPart] = bc_part(in.B);
   buf[kDCPart] = bc_part(in.C);
-  buf[kDDPart] = at::zeros({s.batch, s.nchunks, s.dim}, acc_opts);
-  buf[kDBiasPart] = at::zeros({s.batch, s.nchunks, s.dim}, acc_opts);
+  buf[kDDPart] = part({s.batch, s.nchunks, s.dim});
+  buf[kDBiasPart] = part({s.batch, s.nchunks, s.dim});
   buf[kDInit] = dlast.has_value() ? dlast->clone() : at::zeros({s.batch, s.dim, s.dstate}, acc_opts);
-  if (s.batch > 0 && s.dim > 0 && s.len > 0) {
+  if (runs) {
     backend.backward(in, s, dout, dlast, checkpoints, buf, tiles);
   } else {
     buf[kDu].zero_(), buf[kDdelta].zero_(), buf[kDz].zero_();
