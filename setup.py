@@ -107,7 +107,8 @@ def make_extension():
     # object, and without -fopenmp it silently runs on one thread (every CPU kernel was serial until this).
     # The runtime is the libgomp.so.1 that torch has already loaded (same soname), so there is one pool.
     link = []
-    if torch.backends.openmp.is_available():
+    # Apple clang has no -fopenmp: there the kernels run on one thread (correct, slower).
+    if torch.backends.openmp.is_available() and sys.platform != "darwin":
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
