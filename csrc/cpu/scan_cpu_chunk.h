@@ -86,11 +86,33 @@ GMAMBA_HOST_INLINE void load_lanes(const acc_t* x, const PackChunk& p, acc_t (&v
   for (int w = 0; w < kLanes; ++w) v[w] = x && w < p.active ? x[p.c0 + w] : acc_t(0);
 }
 
-// The chunk's step inputs: u, the discretised dt (0 on padding: an identity step), dt u, and the raw
-// delta + bias that softplus saw (the backward needs it).
 template <typename acc_t>
+struct ValueAndGrad {
+  acc_t value, grad;
+};
+
+// softplus(v) and its derivative sigmoid(v) from one exp (the backward needs both), linear above 20 like
+// torch's. Float uses fast_exp.h's vectorisable approximations, double the library functions.
+GMAMBA_HOST_INLINE ValueAndGrad<float> softplus_and_grad(float v) {
+  const float e = host_exp_approx(v < 0.0f ? v : -v);  // exp(-|v|)
+  const float r = 1.0f / (1.0f + e);
+  const float sp = (v > 0.0f ? v : 0.0f) + host_log1p_unit_approx(e);
+  return {v > 20.0f ? v : sp, v > 20.0f ? 1.0f : (v < 0.0f ? e * r : r)};
+}
+GMAMBA_HOST_INLINE ValueAndGrad<double> softplus_and_grad(double v) { return {softplus(v), softplus_grad(v)}; }
+
+// silu(z) and its derivative from one sigmoid.
+template <typename acc_t>
+GMAMBA_HOST_INLINE ValueAndGrad<acc_t> silu_and_grad(acc_t z) {
+  const acc_t sg = sigmoid(z);
+  return {z * sg, sg * (acc_t(1) + z * (acc_t(1) - sg))};
+}
+
+// The chunk's step inputs: u, the discretised dt (0 on padding: an identity step) and dt u; with
+// kGrad, also d dt / d (delta + bias) where softplus is on (sigmoid of what softplus saw).
+template <typename acc_t, bool kGrad>
 struct StepTiles {
-  Tile<acc_t> u, dt, dtu, pre;
+  Tile<acc_t> u, dt, dtu, ddt_dpre;  // ddt_dpre: filled with kGrad and softplus only
 
   template <typename in_t>
   GMAMBA_HOST_INLINE void load(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p) {
@@ -98,14 +120,23 @@ struct StepTiles {
     acc_t bias[kLanes];
     load_lanes(a.delta_bias, p, bias);
     load_tile(a.u, s, p, u);
-    load_tile(a.delta, s, p, pre);
+    load_tile(a.delta, s, p, dt);
     // Branches hoisted out of the lane loops: GCC left the loop scalar with them inside.
     if (s.softplus) {
-      GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
-        GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] = softplus(pre[t][w] += bias[w]);
+      if constexpr (kGrad) {
+        GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+          GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
+            const ValueAndGrad<acc_t> sp = softplus_and_grad(dt[t][w] + bias[w]);
+            dt[t][w] = sp.value;
+            ddt_dpre[t][w] = sp.grad;
+          }
+      } else {
+        GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
+          GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] = softplus(dt[t][w] + bias[w]);
+      }
     } else {
       GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
-        GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] = pre[t][w] += bias[w];
+        GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] += bias[w];
     }
     if (!p.full())
       for (int t = 0; t < kSteps; ++t)
@@ -158,7 +189,7 @@ GMAMBA_HOST_INLINE acc_t* chunk_row(acc_t* buf, const ScanShape& s, const PackCh
 template <typename in_t, typename acc_t>
 void forward_chunk(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* state) {
   const ScanShape& s = a.s;
-  StepTiles<acc_t> x;
+  StepTiles<acc_t, false> x;
   x.load(a, p);
   Tile<acc_t> y = {}, Bc, Cc;
   for (int64_t n = 0; n < s.dstate; ++n) {
@@ -217,14 +248,19 @@ GMAMBA_HOST_INLINE void emit_bc_grad(const ScanBwdArgs<in_t, acc_t>& a, const BC
 template <typename in_t, typename acc_t>
 void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* carry) {
   const ScanShape& s = a.f.s;
-  StepTiles<acc_t> x;
+  StepTiles<acc_t, true> x;
   x.load(a.f, p);
-  Tile<acc_t> dout, z, dy, y = {}, ddt = {}, du = {};
+  Tile<acc_t> dout, dsilu, dy, y = {}, ddt = {}, du = {};
   load_tile(a.dout, s, p, dout);
   if (a.f.z) {
-    load_tile(a.f.z, s, p, z);
-    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
-      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dy[t][w] = dout[t][w] * silu(z[t][w]);
+    load_tile(a.f.z, s, p, dsilu);  // z, replaced by silu'(z)
+    GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
+        const ValueAndGrad<acc_t> gate = silu_and_grad(dsilu[t][w]);
+        dy[t][w] = dout[t][w] * gate.value;
+        dsilu[t][w] = gate.grad;
+      }
+    }
   } else {
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dy[t][w] = dout[t][w];
@@ -282,7 +318,7 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
   }
   if (s.softplus)
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
-      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) ddt[t][w] *= softplus_grad(x.pre[t][w]);
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w) ddt[t][w] *= x.ddt_dpre[t][w];
   if (!p.full())
     for (int t = 0; t < kSteps; ++t)
       for (int w = 0; w < kLanes; ++w)
@@ -292,10 +328,10 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
   if (a.f.z)
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w)
-        z[t][w] = dout[t][w] * (y[t][w] + D[w] * x.u[t][w]) * silu_grad(z[t][w]);
+        dsilu[t][w] *= dout[t][w] * (y[t][w] + D[w] * x.u[t][w]);
   store_tile(a.du, s, p, du);
   store_tile(a.ddelta, s, p, ddt);
-  if (a.f.z) store_tile(a.dz, s, p, z);
+  if (a.f.z) store_tile(a.dz, s, p, dsilu);
   for (int w = 0; w < p.active; ++w) {
     a.dD_part[s.chunk_index(p.b, p.k, p.c0 + w)] = dD[w];
     a.dbias_part[s.chunk_index(p.b, p.k, p.c0 + w)] = dbias[w];
