@@ -19,6 +19,10 @@ def main():
     elif info is not None:
         print(f"built against torch {info.TORCH_VERSION}, CUDA {info.CUDA_VERSION}")
         print(f"compiled backends: {', '.join(info.BACKENDS)}; CUDA archs: {info.CUDA_ARCHS}")
+        openmp = getattr(info, "OPENMP", None)
+        threads = (f"{torch.get_num_threads()} threads" if openmp
+                   else "1 thread (built without OpenMP)" if openmp is False else "threads unknown (older build)")
+        print(f"CPU kernels: {threads}")
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

@@ -23,3 +23,15 @@ def test_python_m_gmamba_ext_reports(capsys):
     out = capsys.readouterr().out
     assert "kernel for cpu: yes" in out or not gmamba_ext.HAS_EXTENSION
     assert f"torch {torch.__version__}" in out
+    assert "CPU kernels:" in out or not gmamba_ext.HAS_EXTENSION
+
+
+@pytest.mark.skipif(not gmamba_ext.HAS_EXTENSION, reason="no compiled extension")
+def test_cpu_kernels_are_built_multithreaded_where_torch_uses_openmp():
+    """Regression: at::parallel_for is inline; without -fopenmp our kernels silently ran on one thread."""
+    import sys
+
+    from gmamba_ext import _build_info as info
+
+    if torch.backends.openmp.is_available() and sys.platform != "darwin":
+        assert getattr(info, "OPENMP", None) is True, "gmamba_ext._C was built without -fopenmp"
