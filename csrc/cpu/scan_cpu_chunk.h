@@ -24,10 +24,12 @@ template <typename acc_t>
 using Tile = acc_t[kSteps][kLanes];
 
 // Lanes w < active are channels c0 + w of group g in batch b; steps t < valid are positions l0 + t.
-// tile is the pack's index within its group (for the per-pack dB / dC partials).
+// row is the pack's row of variable dB / dC partials within its group, shared by the packs of one task;
+// the first of them writes it, the others add to it in pack order.
 struct PackChunk {
-  int64_t b, g, c0, tile, k, l0;
+  int64_t b, g, c0, row, k, l0;
   int active, valid;
+  bool first_in_row;
   bool full() const { return active == kLanes && valid == kSteps; }
   bool inside(int t, int w) const { return t < valid && w < active; }
 };
@@ -223,16 +225,19 @@ void forward_chunk(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p, const 
 }
 
 // Where the backward's per-pack dB / dC go (see ScanBwdArgs): a variable B / C gets each step's sum over
-// the pack's lanes in the pack's own row; a constant one gets each lane's sum over the chunk's steps.
+// the pack's lanes in the pack's row; a constant one gets each lane's sum over the chunk's steps.
 template <typename in_t, typename acc_t>
 GMAMBA_HOST_INLINE void emit_bc_grad(const ScanBwdArgs<in_t, acc_t>& a, const BCView<acc_t>& view, acc_t* part,
                                      const PackChunk& p, int64_t n, const Tile<acc_t>& v) {
   const ScanShape& s = a.f.s;
   if (view.variable) {
-    acc_t* row = part + (((p.b * s.groups + p.g) * a.tiles + p.tile) * s.dstate + n) * s.len + p.l0;
+    acc_t* row = part + (((p.b * s.groups + p.g) * a.tiles + p.row) * s.dstate + n) * s.len + p.l0;
     acc_t sums[kSteps];
     row_sums_8(v, sums);
-    for (int t = 0; t < p.valid; ++t) row[t] = sums[t];
+    if (p.first_in_row)
+      for (int t = 0; t < p.valid; ++t) row[t] = sums[t];
+    else
+      for (int t = 0; t < p.valid; ++t) row[t] += sums[t];
     return;
   }
   acc_t sum[kLanes] = {};

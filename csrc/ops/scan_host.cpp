@@ -250,7 +250,8 @@ ScanGrads scan_backward(const ScanInputs& in, const at::Tensor& dout, const std:
   check_shape(checkpoints, {s.batch, s.nchunks, s.dstate, s.dim}, "checkpoints");
 
   const auto acc_opts = in.u.options().dtype(acc);
-  const int64_t tiles = (s.dim_per_group + backend.tile_width - 1) / backend.tile_width;
+  const int64_t tiles = backend.bc_partial_rows ? backend.bc_partial_rows(s)
+                                                : (s.dim_per_group + backend.tile_width - 1) / backend.tile_width;
   const bool runs = s.batch > 0 && s.dim > 0 && s.len > 0;
   auto part = [&](at::IntArrayRef sizes) {
     return runs && backend.writes_every_partial ? at::empty(sizes, acc_opts) : at::zeros(sizes, acc_opts);

@@ -37,6 +37,9 @@ struct ScanBackend {
                    const std::optional<at::Tensor>& dlast, const at::Tensor& checkpoints,
                    std::vector<at::Tensor>& buffers, int64_t tiles);
   int64_t tile_width;  // channels per partial tile of variable dB/dC
+  // Rows of variable dB/dC partials per (batch, group) when the backend sums several tiles itself (the CPU
+  // sums each task's packs); null: one row per tile of tile_width channels.
+  int64_t (*bc_partial_rows)(const ScanShape&) = nullptr;
   // True when backward writes every element of every partial buffer, so they need not be zero-filled first
   // (the fills were 7 % of a CPU backward at B=1, d=192, L=1024).
   bool writes_every_partial = false;
