@@ -4,6 +4,8 @@
 // forward on every vector read of the tile: it was the single largest cost of the channels-first forward.
 #include <cstdint>
 
+#include "gmamba/macros.h"
+
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -11,17 +13,15 @@
 namespace gmamba::cpu {
 
 // out[j * out_stride + i] = in[i * in_stride + j] for i, j < 8.
-#define GMAMBA_TRANSPOSE_INLINE inline __attribute__((always_inline))
-
 template <typename T>
-GMAMBA_TRANSPOSE_INLINE void transpose_8x8(const T* in, int64_t in_stride, T* out, int64_t out_stride) {
+GMAMBA_HOST_INLINE void transpose_8x8(const T* in, int64_t in_stride, T* out, int64_t out_stride) {
   for (int i = 0; i < 8; ++i)
     for (int j = 0; j < 8; ++j) out[j * out_stride + i] = in[i * in_stride + j];
 }
 
 #if defined(__AVX__)
 template <>
-GMAMBA_TRANSPOSE_INLINE void transpose_8x8<float>(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+GMAMBA_HOST_INLINE void transpose_8x8<float>(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
   __m256 r[8], s[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * in_stride);
   // Interleave pairs of rows, then pairs of pairs (within 128-bit halves), then swap the halves.
@@ -45,7 +45,7 @@ GMAMBA_TRANSPOSE_INLINE void transpose_8x8<float>(const float* in, int64_t in_st
 // sums[i] = in[i][0] + in[i][1] + ... + in[i][7] (added in that order) for rows i < R, R a multiple of 8:
 // transposed in 8 x 8 blocks, the eight lanes are then added as whole vectors.
 template <int R, typename T>
-GMAMBA_TRANSPOSE_INLINE void row_sums_8(const T (&in)[R][8], T (&sums)[R]) {
+GMAMBA_HOST_INLINE void row_sums_8(const T (&in)[R][8], T (&sums)[R]) {
   static_assert(R % 8 == 0, "rows are summed in blocks of 8");
   for (int i0 = 0; i0 < R; i0 += 8) {
     T cols[8][8];

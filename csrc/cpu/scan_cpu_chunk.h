@@ -82,6 +82,15 @@ GMAMBA_HOST_INLINE void store_tile(in_t* x, const ScanShape& s, const PackChunk&
   }
 }
 
+// Zeroes v outside the pack's chunk (nothing to do for full packs and chunks).
+template <typename acc_t>
+GMAMBA_HOST_INLINE void zero_outside(const PackChunk& p, Tile<acc_t>& v) {
+  if (p.full()) return;
+  for (int t = 0; t < kSteps; ++t)
+    for (int w = 0; w < kLanes; ++w)
+      if (!p.inside(t, w)) v[t][w] = acc_t(0);
+}
+
 // A per-channel vector (D, delta_bias) over the pack's lanes; 0 where absent or past the pack.
 template <typename acc_t>
 GMAMBA_HOST_INLINE void load_lanes(const acc_t* x, const PackChunk& p, acc_t (&v)[kLanes]) {
@@ -140,10 +149,7 @@ struct StepTiles {
       GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
         GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dt[t][w] += bias[w];
     }
-    if (!p.full())
-      for (int t = 0; t < kSteps; ++t)
-        for (int w = 0; w < kLanes; ++w)
-          if (!p.inside(t, w)) dt[t][w] = acc_t(0);
+    zero_outside(p, dt);
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dtu[t][w] = dt[t][w] * u[t][w];
   }
@@ -324,10 +330,7 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
   if (s.softplus)
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) ddt[t][w] *= x.ddt_dpre[t][w];
-  if (!p.full())
-    for (int t = 0; t < kSteps; ++t)
-      for (int w = 0; w < kLanes; ++w)
-        if (!p.inside(t, w)) ddt[t][w] = acc_t(0);
+  zero_outside(p, ddt);
   GMAMBA_STEPS for (int t = 0; t < kSteps; ++t)
     GMAMBA_LANES for (int w = 0; w < kLanes; ++w) dbias[w] += ddt[t][w];
   if (a.f.z)

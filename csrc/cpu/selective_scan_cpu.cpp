@@ -60,6 +60,12 @@ struct CpuTasks {
           slab[n * kLanes + w] = w < ls.active ? from[s.state_index(ls.b, ls.c0 + w, n)] : acc_t(0);
     }
   }
+  // A as each pack's [n][lane] slab, for packs [first, last).
+  template <typename acc_t>
+  void load_a_slabs(const ScanShape& s, int64_t first, int64_t last, const acc_t* A, acc_t* slabs) const {
+    for (int64_t p = first; p < last; ++p)
+      cpu::load_a_slab(A, s.dstate, pack(s, p, 0), slabs + (p - first) * s.dstate * kLanes);
+  }
   template <typename acc_t>
   void scatter(const ScanShape& s, int64_t first, int64_t last, const acc_t* slabs, acc_t* to) const {
     for (int64_t p = first; p < last; ++p) {
@@ -82,8 +88,7 @@ void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
       const auto [first, last] = tasks.packs(task);
       // last_state holds initial_state (or zeros) on entry: the scan starts from it.
       tasks.gather(s, first, last, a.last_state, states.data());
-      for (int64_t p = first; p < last; ++p)
-        cpu::load_a_slab(a.A, s.dstate, tasks.pack(s, p, 0), a_slabs.data() + (p - first) * slab);
+      tasks.load_a_slabs(s, first, last, a.A, a_slabs.data());
       for (int64_t k = 0; k < s.nchunks; ++k)
         for (int64_t p = first; p < last; ++p)
           cpu::forward_chunk(a, tasks.pack(s, p, k), a_slabs.data() + (p - first) * slab,
@@ -104,8 +109,7 @@ void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
       const auto [first, last] = tasks.packs(task);
       // dinitial_state holds dlast_state (or zeros) on entry: the adjoint of the final state.
       tasks.gather(s, first, last, a.dinitial_state, carries.data());
-      for (int64_t p = first; p < last; ++p)
-        cpu::load_a_slab(a.f.A, s.dstate, tasks.pack(s, p, 0), a_slabs.data() + (p - first) * slab);
+      tasks.load_a_slabs(s, first, last, a.f.A, a_slabs.data());
       for (int64_t k = s.nchunks - 1; k >= 0; --k)
         for (int64_t p = first; p < last; ++p)
           cpu::backward_chunk(a, tasks.pack(s, p, k), a_slabs.data() + (p - first) * slab,

@@ -13,9 +13,6 @@
 
 namespace gmamba {
 
-// Forced inlining: a call left out of line (GCC's choice in some callers) cannot be vectorised.
-#define GMAMBA_HOST_INLINE inline __attribute__((always_inline))
-
 GMAMBA_HOST_INLINE float host_exp_approx(float x) {
   // A NaN fails both comparisons and passes through (then poisons the result). With -fno-trapping-math
   // these selects and the float->int conversion below vectorise.

@@ -10,6 +10,10 @@
 #define GMAMBA_HD_SMALL inline __attribute__((always_inline))
 #endif
 
+// Host-only helpers called inside SIMD loops: forced inline (a call left out of line, GCC's choice in some
+// callers, cannot be vectorised).
+#define GMAMBA_HOST_INLINE inline __attribute__((always_inline))
+
 // Loops over a chunk's steps are fully unrolled on the device (register arrays need compile-time
 // indices); loops over channel lanes are marked SIMD on the host (GCC does not vectorise them on its
 // own: the lane count is small and the bodies inline exp). Host builds pass -fopenmp-simd.
