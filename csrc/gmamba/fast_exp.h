@@ -1,8 +1,9 @@
 #pragma once
 // exp for the scan's decay factors exp(delta * A).
 // - device float: the hardware approximation (__expf), a few ulp, as mamba-ssm's kernels use.
-// - host float: a Cephes-style range reduction + degree-6 polynomial (about 1 ulp on [-87, 88]) built only
-//   from arithmetic, selects and bit casts, so loops over channel lanes vectorise (libm's expf does not);
+// - host float: a Cephes-style range reduction + Horner polynomial (relative error < 1e-7 on [-87, 88])
+//   built only from arithmetic, selects and bit casts, so loops over channel lanes vectorise (libm's expf
+//   does not);
 //   the CPU sources are compiled with -fno-trapping-math -fopenmp-simd for that.
 // - double: the library exp (the float64 path serves gradcheck, not speed).
 #include <algorithm>
@@ -15,21 +16,26 @@ namespace gmamba {
 
 GMAMBA_HOST_INLINE float host_exp_approx(float x) {
   // A NaN fails both comparisons and passes through (then poisons the result). With -fno-trapping-math
-  // these selects and the float->int conversion below vectorise.
+  // these selects vectorise.
   x = std::min(x, 88.7f);
   x = std::max(x, -87.3f);
-  // Round x / ln2 to nearest with the 1.5 * 2^23 trick (vectorisable, unlike nearbyint without SSE4.1).
-  const float magic = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  // Adding 1.5 * 2^23 + 127 rounds x / ln2 to the nearest integer n and leaves 127 + n in the low mantissa
+  // bits (vectorisable, unlike nearbyint without SSE4.1); shifted left by 23 they are the exponent of 2^n,
+  // and the magic's own bits shift out. n = 128 (x near 88.7) gives inf, as exp overflows there.
+  const float magic = 12582912.0f + 127.0f;
+  const float shifted = x * 1.44269504088896341f + magic;
+  const float n = shifted - magic;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2 in two parts (Cody-Waite)
+  // exp(r) on |r| <= ln2 / 2 as 1 + r (1 + r (1/2 + ...)) in Horner form: one FMA per coefficient.
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t bits = __builtin_bit_cast(uint32_t, shifted) << 23;
   // __builtin_bit_cast (GCC >= 11, clang) vectorises where memcpy does not.
   return p * __builtin_bit_cast(float, bits);
 }

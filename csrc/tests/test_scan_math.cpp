@@ -1,4 +1,5 @@
-// C++ unit test of the scan's shared scalar math (gmamba/scan_math.h, gmamba/fast_exp.h) and of the
+// C++ unit test of the scan's shared scalar math (gmamba/scan_math.h, gmamba/fast_exp.h), of the CPU lane
+// sums (cpu/lane_transpose.h) and of the
 // registered op gmamba_ext::selective_scan_fwd, called through the dispatcher as any C++ user would, against
 // a naive sequential scan in double precision. Plain checks (no gtest); exits non-zero on any failure.
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/lane_transpose.h"
 #include "gmamba/fast_exp.h"
 #include "gmamba/scan_math.h"
 
@@ -181,9 +183,23 @@ void test_op(bool channels_last, bool softplus) {
 
 }  // namespace
 
+// The vector lane sums (AVX builds) add in the documented order: bitwise equal to the scalar formula.
+void test_row_sums() {
+  float in[16][8], sums[16];
+  for (int i = 0; i < 16; ++i)
+    for (int w = 0; w < 8; ++w) in[i][w] = std::ldexp(static_cast<float>((i * 37 + w * 11) % 29) - 14.3f, (i + w) % 9 - 4);
+  gmamba::cpu::row_sums_8(in, sums);
+  for (int i = 0; i < 16; ++i) {
+    const float* r = in[i];
+    const float want = ((r[0] + r[2]) + (r[1] + r[3])) + ((r[4] + r[6]) + (r[5] + r[7]));
+    EXPECT(sums[i] == want, "row_sums_8 row %d: %.9g, want %.9g", i, sums[i], want);
+  }
+}
+
 int main() {
   test_softplus_silu();
   test_host_exp();
+  test_row_sums();
   test_op(false, false);
   test_op(true, true);
   if (failures) {
