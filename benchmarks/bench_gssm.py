@@ -121,10 +121,14 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def agreement(runs):
-    """Largest relative difference of each implementation's output and gradients from the fused one's."""
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def agreement(runs, metric):
+    """Largest difference (by `metric`) of each implementation's output and gradients from the fused one's."""
     base_out, base_grads = runs["fused"]
-    return {name: max([rel_err(out, base_out)] + [rel_err(g, bg) for g, bg in zip(grads, base_grads)])
+    return {name: max([metric(out, base_out)] + [metric(g, bg) for g, bg in zip(grads, base_grads)])
             for name, (out, grads) in runs.items() if name != "fused"}
 
 
@@ -169,9 +173,17 @@ def bench(args):
                 row["impl"][name] = res
                 print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} fwd {res['fwd']['median_ms']:9.2f} ms   "
                       f"fwd+bwd {res['fwd_bwd']['median_ms']:9.2f} ms", flush=True)
-            row["max_rel_diff_vs_fused"] = agreement(runs)
-            tol = 2e-3 if dtype == torch.float32 else 5e-2
-            bad = {k: v for k, v in row["max_rel_diff_vs_fused"].items() if v > tol}
+            # A sanity check (correctness is the test suite's job, against the oracle), judged on the relative
+            # L2 difference with a loose float32 tolerance. Float32 gradients are only as close as the ReLU
+            # kinks allow: at C=96, H=128 an input of the FEM fusion ReLU lies 2e-9 of its scale from 0, so
+            # implementations that round differently take different sides of it; that token's gradients
+            # move by 1e-3 of their scale, and the parameter gradients summed over all tokens by up to
+            # 2.7e-3 (at C=768, H=16 scaling x by 1 + 1e-6 moves one of them by 8.9e-3). A wrong kernel is
+            # off by far more.
+            row["max_rel_diff_vs_fused"] = agreement(runs, rel_err)
+            row["rel_l2_diff_vs_fused"] = agreement(runs, rel_l2)
+            tol = 2e-2 if dtype == torch.float32 else 5e-2
+            bad = {k: v for k, v in row["rel_l2_diff_vs_fused"].items() if v > tol}
             row["agrees"] = not bad
             if bad:  # recorded and shown, not fatal: one disagreement must not cost the rest of a GPU run
                 print(f"  WARNING: implementations disagree with the fused gssm beyond {tol} at C={C}, H={H}: {bad}")
@@ -214,10 +226,12 @@ def markdown(report):
         lines.append(line)
     lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
               "faster). Gradients: x and every parameter.", "",
-              "Largest relative difference of outputs and gradients from the fused path (agreement checked "
-              "before timing):"]
+              "Difference of outputs and gradients from the fused path, checked before timing (largest over "
+              "the tensors of the relative L2 difference, which decides agreement; in brackets the largest "
+              "elementwise difference relative to the tensor's largest value):"]
     for r in report["rows"]:
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff_vs_fused"].items())
+        l2 = r.get("rel_l2_diff_vs_fused", {})
+        diffs = ", ".join(f"{k} {l2.get(k, float('nan')):.1e} ({v:.1e})" for k, v in r["max_rel_diff_vs_fused"].items())
         lines.append(f"- {r['dtype']} C={r['C']} H={r['H']}: {diffs}{'' if r.get('agrees', True) else '  (DISAGREES)'}")
     return "\n".join(lines) + "\n"
 
