@@ -1,7 +1,8 @@
 #pragma once
-// 8 x 8 transposes between [channel][step] rows (how channels-first tensors lie in memory) and the CPU
-// scan's [step][lane] tiles. Filling a tile column by column instead costs a failed store-to-load
-// forward on every vector read of the tile: it was the single largest cost of the channels-first forward.
+// Moves across the CPU scan's 8 lanes: 8 x 8 transposes between [channel][step] rows (how channels-first
+// tensors lie in memory) and [step][lane] tiles, and per-row sums of the lanes. Filling a tile column by
+// column instead costs a failed store-to-load forward on every vector read of the tile: it was the
+// single largest cost of the channels-first forward.
 #include <cstdint>
 
 #include "gmamba/macros.h"

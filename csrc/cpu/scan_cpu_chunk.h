@@ -260,13 +260,12 @@ GMAMBA_HOST_INLINE void emit_bc_grad(const ScanBwdArgs<in_t, acc_t>& a, const BC
     row_sums_8(v, sums);
     // A full chunk in fixed-count loops: bounded by p.valid, GCC made the copy a memcpy call (spilling
     // the live vectors around it: 5-8 % of the backward).
-    const int steps = p.valid == kSteps ? kSteps : p.valid;
-    if (p.first_in_row && steps == kSteps) {
+    if (p.valid == kSteps && p.first_in_row) {
       GMAMBA_LANES for (int t = 0; t < kSteps; ++t) row[t] = sums[t];
-    } else if (steps == kSteps) {
+    } else if (p.valid == kSteps) {
       GMAMBA_LANES for (int t = 0; t < kSteps; ++t) row[t] += sums[t];
     } else {
-      for (int t = 0; t < steps; ++t) row[t] = p.first_in_row ? sums[t] : row[t] + sums[t];
+      for (int t = 0; t < p.valid; ++t) row[t] = p.first_in_row ? sums[t] : row[t] + sums[t];
     }
     return;
   }
