@@ -206,8 +206,9 @@ def _gssm(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[st
             wg1, wc1 = p("freq_gate.0.weight"), p("freq_adaptive.freq_conv.0.weight").reshape(-1, d)
             hid = F.relu(F.linear(Fm, torch.cat([wg1, wc1]),
                                   torch.cat([p("freq_gate.0.bias"), p("freq_adaptive.freq_conv.0.bias")])))
-            gate_logit = F.linear(hid[..., :E4], p("freq_gate.2.weight"), p("freq_gate.2.bias")).reshape(B, L)
-            c = F.linear(hid[..., E4:], p("freq_adaptive.freq_conv.2.weight").reshape(d, -1),
+            hid_gate, hid_conv = hid.split([E4, hid.shape[-1] - E4], dim=-1)
+            gate_logit = F.linear(hid_gate, p("freq_gate.2.weight"), p("freq_gate.2.bias")).reshape(B, L)
+            c = F.linear(hid_conv, p("freq_adaptive.freq_conv.2.weight").reshape(d, -1),
                          p("freq_adaptive.freq_conv.2.bias"))
             x2 = fgmm(x1, Fm, c, gate_logit, params.freq_adaptive_adaptive_weight_1_weight,
                       params.freq_adaptive_adaptive_weight_1_bias, params.freq_adaptive_adaptive_weight_3_weight,
@@ -219,18 +220,20 @@ def _gssm(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[st
     for k in range(config.n_directions):
         keys = _scan_keys(k)
         u = _direction(x2, k, H, W)
-        x_dbl = F.linear(u, p(keys["x_proj"]))
+        # split, not three slices: the backward of each slice zero-fills a whole x_dbl-sized gradient
+        # and adds into it; split's backward is one concatenation.
+        dt_in, B_k, C_k = F.linear(u, p(keys["x_proj"])).split([R, N, N], dim=-1)
         dt_b = params[keys["dt_b"]]
-        delta = F.linear(x_dbl[..., :R], p(keys["dt_w"]), None if config.single_dt_bias else dt_b.to(dt))
+        delta = F.linear(dt_in, p(keys["dt_w"]), None if config.single_dt_bias else dt_b.to(dt))
         A = -torch.exp(params[keys["A_log"]].to(accumulation_dtype(dt)))
-        yk = selective_scan_channels_last(u, delta, A, x_dbl[..., R:R + N], x_dbl[..., R + N:], D=params[keys["D"]],
+        yk = selective_scan_channels_last(u, delta, A, B_k, C_k, D=params[keys["D"]],
                                           delta_bias=dt_b, delta_softplus=True, initial_state=states[k])
         yk = _direction(yk, k, H, W, inverse=True)
         y = yk if y is None else y + yk
 
     # 8. out_proj on [y | z1] without concatenating; the second product is added in place (an out-of-place
     # addmm copied the (B L, C) first product: 10 ms of a 220 ms CPU forward + backward at C = 96, H = 128)
-    w_out = p("out_proj.weight")
-    out = F.linear(y.reshape(B * L, d), w_out[:, :d]).addmm_(z1.reshape(B * L, d), w_out[:, d:].t())
+    w_y, w_z = p("out_proj.weight").split(d, dim=1)
+    out = F.linear(y.reshape(B * L, d), w_y).addmm_(z1.reshape(B * L, d), w_z.t())
     out = out.reshape(B, H, W, C)
     return out.permute(0, 3, 1, 2) if bchw else out
