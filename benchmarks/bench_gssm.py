@@ -70,9 +70,10 @@ def implementations(device, mamba_path):
             import mamba_ssm_baseline
             mamba_ssm_baseline.load(mamba_path) if mamba_path else mamba_ssm_baseline.load()
             def mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-                # mamba-ssm takes D and delta_bias in float32 only (its Mamba module keeps them so)
+                # mamba-ssm takes D and delta_bias in float32 only (its Mamba module keeps them so),
+                # and A in float32 too (it checks A's dtype)
                 return mamba_ssm_baseline.selective_scan_fn(
-                    u, delta, A, B, C, None if D is None else D.float(), z,
+                    u, delta, A.float(), B, C, None if D is None else D.float(), z,
                     None if delta_bias is None else delta_bias.float(), delta_softplus)
 
             impls["unfused_mamba_ssm"] = lambda x, p, cfg: gssm_ref(x, p, cfg, scan=mamba_scan)
@@ -143,6 +144,18 @@ def cuda_kernel_count(fn):
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def measure(fn, cfg, params, x, device, args):
+    """(outputs and gradients of one forward+backward, timings) of one implementation at one case."""
+    fwd, fwd_bwd = closures(fn, cfg, params, x)
+    result = fwd_bwd()
+    if device == "cpu":
+        budget = 4.0 if args.quick else 20.0
+        return result, {"fwd": timeit(fwd, 1, 15, 3, budget), "fwd_bwd": timeit(fwd_bwd, 1, 15, 3, budget)}
+    return result, {"fwd": timed(fwd, 3, args.reps), "fwd_bwd": timed(fwd_bwd, 3, args.reps),
+                    "peak_mib_fwd_bwd": peak_memory(fwd_bwd),
+                    "kernels_fwd": cuda_kernel_count(fwd), "kernels_fwd_bwd": cuda_kernel_count(fwd_bwd)}
+
+
 def bench(args):
     device = args.device
     impls, notes = implementations(device, args.mamba_ssm)
@@ -161,15 +174,12 @@ def bench(args):
                    "impl": {}}
             runs = {}
             for name, fn in impls.items():
-                fwd, fwd_bwd = closures(fn, cfg, params, x)
-                runs[name] = fwd_bwd()
-                if device == "cpu":
-                    budget = 4.0 if args.quick else 20.0
-                    res = {"fwd": timeit(fwd, 1, 15, 3, budget), "fwd_bwd": timeit(fwd_bwd, 1, 15, 3, budget)}
-                else:
-                    res = {"fwd": timed(fwd, 3, args.reps), "fwd_bwd": timed(fwd_bwd, 3, args.reps),
-                           "peak_mib_fwd_bwd": peak_memory(fwd_bwd),
-                           "kernels_fwd": cuda_kernel_count(fwd), "kernels_fwd_bwd": cuda_kernel_count(fwd_bwd)}
+                try:
+                    runs[name], res = measure(fn, cfg, params, x, device, args)
+                except Exception as error:  # noqa: BLE001 - one failing column must not cost a GPU run
+                    row.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"[:300]
+                    print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} FAILED: {row['errors'][name]}")
+                    continue
                 row["impl"][name] = res
                 print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} fwd {res['fwd']['median_ms']:9.2f} ms   "
                       f"fwd+bwd {res['fwd_bwd']['median_ms']:9.2f} ms", flush=True)
@@ -180,6 +190,9 @@ def bench(args):
             # move by 1e-3 of their scale, and the parameter gradients summed over all tokens by up to
             # 2.7e-3 (at C=768, H=16 scaling x by 1 + 1e-6 moves one of them by 8.9e-3). A wrong kernel is
             # off by far more.
+            if "fused" not in runs:
+                rows.append(row)
+                continue
             row["max_rel_diff_vs_fused"] = agreement(runs, rel_err)
             row["rel_l2_diff_vs_fused"] = agreement(runs, rel_l2)
             tol = 2e-2 if dtype == torch.float32 else 5e-2
@@ -199,37 +212,42 @@ def device_name(device):
 
 
 def markdown(report):
-    impls = list(report["rows"][0]["impl"]) if report["rows"] else []
+    rows = [r for r in report["rows"] if "fused" in r["impl"]]
+    impls = list(dict.fromkeys(n for r in report["rows"] for n in list(r["impl"]) + list(r.get("errors", {}))))
     baselines = [n for n in impls if n != "fused"]
     lines = [f"# gssm benchmark: {report['device']} (torch {report['torch']}, {report['threads']} threads)", ""]
     lines += [f"- {n}" for n in report["notes"]]
+    lines += [f"- {r['dtype']} C={r['C']} H={r['H']}: {name} failed: {e}"
+              for r in report["rows"] for name, e in r.get("errors", {}).items()]
+    lines += [""] if len(lines) > 2 else []
     head = "| dtype | B | C | H=W | fused fwd ms | fused fwd+bwd ms |"
     for b in baselines:
         head += f" {b} fwd ms | {b} fwd+bwd ms | speed-up fwd | speed-up fwd+bwd |"
-    gpu = "peak_mib_fwd_bwd" in report["rows"][0]["impl"]["fused"] if report["rows"] else False
+    gpu = any("peak_mib_fwd_bwd" in r["impl"]["fused"] for r in rows)
     if gpu:
         head += " fused peak MiB | " + " | ".join(f"{b} peak MiB" for b in baselines) + " | fused kernels fwd | " \
             + " | ".join(f"{b} kernels fwd" for b in baselines) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in report["rows"]:
+    cell = lambda s: f"{s['median_ms']:.2f} ({s['p25_ms']:.2f}-{s['p75_ms']:.2f})"  # noqa: E731
+    for r in rows:
         fu = r["impl"]["fused"]
-        cell = lambda s: f"{s['median_ms']:.2f} ({s['p25_ms']:.2f}-{s['p75_ms']:.2f})"  # noqa: E731
         line = f"| {r['dtype']} | {r['batch']} | {r['C']} | {r['H']} | {cell(fu['fwd'])} | {cell(fu['fwd_bwd'])} |"
         for b in baselines:
-            o = r["impl"][b]
-            line += (f" {cell(o['fwd'])} | {cell(o['fwd_bwd'])} | {o['fwd']['median_ms'] / fu['fwd']['median_ms']:.2f}x"
+            o = r["impl"].get(b)
+            line += (" failed | failed | - | - |" if o is None else
+                     f" {cell(o['fwd'])} | {cell(o['fwd_bwd'])} | {o['fwd']['median_ms'] / fu['fwd']['median_ms']:.2f}x"
                      f" | {o['fwd_bwd']['median_ms'] / fu['fwd_bwd']['median_ms']:.2f}x |")
         if gpu:
-            line += f" {fu['peak_mib_fwd_bwd']:.0f} | " + " | ".join(
-                f"{r['impl'][b]['peak_mib_fwd_bwd']:.0f}" for b in baselines) + f" | {fu['kernels_fwd']} | " + \
-                " | ".join(str(r["impl"][b]["kernels_fwd"]) for b in baselines) + " |"
+            other = lambda b, k: "-" if b not in r["impl"] else f"{r['impl'][b][k]:.0f}"  # noqa: E731
+            line += f" {fu['peak_mib_fwd_bwd']:.0f} | " + " | ".join(other(b, "peak_mib_fwd_bwd") for b in baselines) \
+                + f" | {fu['kernels_fwd']} | " + " | ".join(other(b, "kernels_fwd") for b in baselines) + " |"
         lines.append(line)
     lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
               "faster). Gradients: x and every parameter.", "",
               "Difference of outputs and gradients from the fused path, checked before timing (largest over "
               "the tensors of the relative L2 difference, which decides agreement; in brackets the largest "
               "elementwise difference relative to the tensor's largest value):"]
-    for r in report["rows"]:
+    for r in rows:
         diffs = ", ".join(f"{k} {r['rel_l2_diff_vs_fused'][k]:.1e} ({v:.1e})"
                           for k, v in r["max_rel_diff_vs_fused"].items())
         lines.append(f"- {r['dtype']} C={r['C']} H={r['H']}: {diffs}{'' if r.get('agrees', True) else '  (DISAGREES)'}")

@@ -5,7 +5,7 @@
 # composition), a memory check of the kernels, the CPU tests and optionally an Nsight Compute profile of the
 # scan; everything it prints and measures lands in $OUT (JSON + Markdown + logs: 8 files at most come back).
 # Knobs (seconds; 0 skips a step): T_CUDA_TESTS (180), T_BENCH (100), T_GSSM_BENCH (150), T_SANITIZER (60),
-# T_CPU_TESTS (0: the CPU suite on torch 2.11 runs on our machines with /work/venvs/gpu312), T_NCU (0);
+# T_ANALYSIS (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 runs on our machines with /work/venvs/gpu312), T_NCU (0);
 # BENCH_ARGS (e.g. --quick) for bench_scan_gpu.py, GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. The defaults
 # sum to ~490 s of steps plus install: one call fits the 600 s command limit (use BENCH_ARGS=--quick to
 # leave more margin).
@@ -29,7 +29,7 @@ $PY -m gmamba_ext 2>&1 | tee -a "$OUT/env.txt"
 
 step "CUDA tests"
 timeout ${T_CUDA_TESTS:-180} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
-  "$REPO/python_tests/test_gssm_cuda.py" -q -rs -p no:cacheprovider -n 4 \
+  "$REPO/python_tests/test_gssm_cuda.py" "$REPO/python_tests/test_analysis.py::test_cuda_matches_cpu" -q -rs -p no:cacheprovider -n 4 \
   2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
 
 step "GPU benchmarks"
@@ -43,6 +43,12 @@ if [ "${T_GSSM_BENCH:-150}" != 0 ]; then
   timeout ${T_GSSM_BENCH:-150} $PY "$REPO/benchmarks/bench_gssm.py" --device cuda --out "$OUT" \
     --dtypes ${GSSM_DTYPES:-float32,bfloat16} ${GSSM_ARGS:-} \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
+fi
+
+step "global-perception analysis on the GPU (python -m gmamba_ext.analysis --device cuda)"
+if [ "${T_ANALYSIS:-60}" != 0 ]; then
+  timeout ${T_ANALYSIS:-60} $PY -m gmamba_ext.analysis --device cuda --out /tmp/analysis_cuda 2>&1 | tail -15 || status=1
+  cp /tmp/analysis_cuda/*.json "$OUT/analysis_cuda.json" 2>/dev/null
 fi
 
 step "memory check (compute-sanitizer memcheck, small shapes)"
