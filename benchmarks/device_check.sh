@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU verification run, in one call on the lent GPU machine (python3.12, torch 2.11.0+cu130,
 # no network, no compiler use): installs the artefacts prebuilt by benchmarks/prepare_device.sh, prints
-# the card, runs the CUDA tests (scan and GSSM), the GPU benchmarks (scan vs mamba-ssm, gssm vs the unfused
-# composition), a memory check of the kernels, the CPU tests and optionally an Nsight Compute profile of the
-# scan; everything it prints and measures lands in $OUT (JSON + Markdown + logs: 8 files at most come back).
-# Knobs (seconds; 0 skips a step): T_CUDA_TESTS (180), T_BENCH (100), T_GSSM_BENCH (150), T_SANITIZER (60),
-# T_ANALYSIS (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 runs on our machines with /work/venvs/gpu312), T_NCU (0);
-# BENCH_ARGS (e.g. --quick) for bench_scan_gpu.py, GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. The defaults
-# sum to ~490 s of steps plus install: one call fits the 600 s command limit (use BENCH_ARGS=--quick to
-# leave more margin).
+# the card, runs the CUDA tests (scan, GSSM, modules, analysis), the GPU benchmarks (scan vs mamba-ssm,
+# gssm vs the unfused composition), a profile of gssm, the analysis CLI, a memory check of the kernels,
+# optionally the CPU tests and an Nsight Compute profile of the scan; everything it prints and measures
+# lands in $OUT (JSON + Markdown + logs; only 8 files come back, so bundle the JSON in the call).
+# Knobs (seconds; 0 skips a step): T_CUDA_TESTS (180), T_BENCH (100), T_GSSM_BENCH (150), T_PROFILE (90),
+# T_ANALYSIS (60), T_SANITIZER (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
+# with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
+# GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Each step usually ends well before its limit (run 7: 91 s in
+# all without the scan benchmark); the limits sum to 640 s, so lower some to fit the 600 s command limit.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -34,7 +35,7 @@ timeout ${T_CUDA_TESTS:-180} $PY -m pytest "$REPO/python_tests/test_selective_sc
 
 step "GPU benchmarks"
 if [ "${T_BENCH:-100}" != 0 ]; then
-  timeout ${T_BENCH:-100} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" ${BENCH_ARGS:-} --no-plot \
+  timeout ${T_BENCH:-100} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" ${BENCH_ARGS:-} $([ "${PLOT:-1}" = 0 ] && echo --no-plot) \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 
@@ -43,6 +44,12 @@ if [ "${T_GSSM_BENCH:-150}" != 0 ]; then
   timeout ${T_GSSM_BENCH:-150} $PY "$REPO/benchmarks/bench_gssm.py" --device cuda --out "$OUT" \
     --dtypes ${GSSM_DTYPES:-float32,bfloat16} ${GSSM_ARGS:-} \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
+fi
+
+step "where gssm's time goes (torch.profiler: device busy time, kernels and host ops per call)"
+if [ "${T_PROFILE:-90}" != 0 ]; then
+  timeout ${T_PROFILE:-90} $PY "$REPO/benchmarks/profile_gssm.py" --device cuda --out "$OUT" \
+    --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | grep -E "^## |^wall|^device busy|^host:" || status=1
 fi
 
 step "global-perception analysis on the GPU (python -m gmamba_ext.analysis --device cuda)"
