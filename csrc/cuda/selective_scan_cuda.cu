@@ -82,41 +82,99 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   if (tc.ls.active) dt_sum[s.chunk_index(tc.ls.b, tc.ls.k, tc.ls.c0)] = sum_steps(x.dt);
 }
 
-// Pass 2 of both directions: chains chunks for one (batch, state, channel). Forward: `io` holds each
-// chunk's zero-start end state and becomes the checkpoint (state before the chunk); `edge` holds the
-// initial state in and the final state out. Backward (kReverse): `io` holds each chunk's zero-end start
-// adjoint and becomes the adjoint at the chunk's end; `edge` holds dlast_state in and d initial_state out.
-template <bool kReverse, typename acc_t>
-__global__ void chain_chunks(ScanShape s, const acc_t* __restrict__ A, const acc_t* __restrict__ dt_sum,
-                             acc_t* __restrict__ io, acc_t* __restrict__ edge) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= s.batch * s.dstate * s.dim) return;
-  const int64_t c = idx % s.dim, n = (idx / s.dim) % s.dstate, b = idx / (s.dim * s.dstate);
-  const acc_t A_n = A[c * s.dstate + n];
-  const int64_t edge_index = (b * s.dim + c) * s.dstate + n;
-  acc_t h = edge[edge_index];
-  // Load kBatch chunks' values before chaining them: the loads do not depend on h, so they overlap
-  // instead of costing one memory latency per chunk (ncu, run 2: 0.54 ms at IPC 0.1 without this).
+// Visits chunks [first, last) of one (batch, state, channel) chain in scan order (reversed for kReverse)
+// with each chunk's decay exp(A_n * sum of its steps) and its value in `io`. The loads of kBatch chunks are
+// issued before the visits, which may depend on one another: they overlap instead of costing one memory
+// latency per chunk (ncu, run 2: 0.54 ms at IPC 0.1 without this).
+template <bool kReverse, typename acc_t, typename Visit>
+__device__ __forceinline__ void walk_chunks(const ScanShape& s, int64_t b, int64_t n, int64_t c, acc_t A_n,
+                                            const acc_t* dt_sum, const acc_t* io, int64_t first, int64_t last,
+                                            Visit visit) {
   constexpr int kBatch = 8;
-  for (int64_t first = 0; first < s.nchunks; first += kBatch) {
+  for (int64_t base = first; base < last; base += kBatch) {
     acc_t local[kBatch], decay[kBatch];
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
-      const int64_t step = first + j;
+      const int64_t step = base + j;
       const int64_t k = kReverse ? s.nchunks - 1 - step : step;
-      const bool in = step < s.nchunks;
+      const bool in = step < last;
       local[j] = in ? io[s.chunk_state_index(b, k, n, c)] : acc_t(0);
       decay[j] = in ? fast_exp(A_n * dt_sum[s.chunk_index(b, k, c)]) : acc_t(1);
     }
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int64_t step = first + j;
-      const int64_t k = kReverse ? s.nchunks - 1 - step : step;
-      if (step < s.nchunks) io[s.chunk_state_index(b, k, n, c)] = h;
-      h = decay[j] * h + local[j];
-    }
+    for (int j = 0; j < kBatch; ++j)
+      if (base + j < last) visit(kReverse ? s.nchunks - 1 - (base + j) : base + j, decay[j], local[j]);
   }
-  edge[edge_index] = h;
+}
+
+// Lanes per chain: each lane takes a run of about 16 chunks, so long sequences (1024 chunks at L = 16384)
+// do not leave a few thousand threads walking every chunk in turn (run 8: 0.22 ms per chain pass at
+// (8, 48, 16384, 8), more than the chunk passes).
+int chain_group(int64_t nchunks) {
+  int group = 1;
+  while (group < kWarp && nchunks >= 32 * group) group *= 2;
+  return group;
+}
+
+// Pass 2 of both directions: chains chunks for one (batch, state, channel), `group` lanes of a warp per
+// chain (a power of two up to 32). Forward: `io` holds each chunk's zero-start end state and becomes the
+// checkpoint (state before the chunk); `edge` holds the initial state in and the final state out. Backward
+// (kReverse): `io` holds each chunk's zero-end start adjoint and becomes the adjoint at the chunk's end;
+// `edge` holds dlast_state in and d initial_state out. With several lanes, each lane first folds its run
+// of chunks into one affine map h -> decay h + state, the lanes compose those maps with a fixed shuffle
+// scan (Hillis-Steele over the group), and each lane walks its run again from its true start state. The
+// order of operations depends only on the shape: results are bitwise reproducible.
+template <bool kReverse, typename acc_t>
+__global__ void chain_chunks(ScanShape s, const acc_t* __restrict__ A, const acc_t* __restrict__ dt_sum, acc_t* io,
+                             acc_t* __restrict__ edge, int group) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t chain = idx / group;
+  const int lane = static_cast<int>(idx % group);  // blocks hold whole warps: a group never straddles two
+  const bool live = chain < s.batch * s.dstate * s.dim;
+  if (group == 1 && !live) return;  // with several lanes every thread of the warp must join the shuffles
+  const int64_t c = live ? chain % s.dim : 0, n = live ? (chain / s.dim) % s.dstate : 0;
+  const int64_t b = live ? chain / (s.dim * s.dstate) : 0;
+  const acc_t A_n = live ? A[c * s.dstate + n] : acc_t(0);
+  const int64_t edge_index = (b * s.dim + c) * s.dstate + n;
+  const acc_t h0 = live ? edge[edge_index] : acc_t(0);
+  const int64_t per = (s.nchunks + group - 1) / group;
+  const int64_t first = lane * per < s.nchunks ? lane * per : s.nchunks;
+  const int64_t last = !live ? first : (first + per < s.nchunks ? first + per : s.nchunks);
+  acc_t h = h0;
+  if (group > 1) {
+    acc_t run_decay = 1, run_state = 0;  // this lane's run as h -> run_decay h + run_state
+    walk_chunks<kReverse>(s, b, n, c, A_n, dt_sum, io, first, last, [&](int64_t, acc_t decay, acc_t local) {
+      run_state = decay * run_state + local;
+      run_decay *= decay;
+    });
+    for (int offset = 1; offset < group; offset <<= 1) {  // inclusive scan: runs of lanes 0..lane
+      const acc_t prev_decay = __shfl_up_sync(0xffffffffu, run_decay, offset, group);
+      const acc_t prev_state = __shfl_up_sync(0xffffffffu, run_state, offset, group);
+      if (lane >= offset) {
+        run_state = run_decay * prev_state + run_state;
+        run_decay *= prev_decay;
+      }
+    }
+    const acc_t end = run_decay * h0 + run_state;  // the state after this lane's run
+    const acc_t before = __shfl_up_sync(0xffffffffu, end, 1, group);
+    h = lane == 0 ? h0 : before;
+    if (live && lane == group - 1) edge[edge_index] = end;
+  }
+  walk_chunks<kReverse>(s, b, n, c, A_n, dt_sum, io, first, last, [&](int64_t k, acc_t decay, acc_t local) {
+    io[s.chunk_state_index(b, k, n, c)] = h;
+    h = decay * h + local;
+  });
+  if (group == 1) edge[edge_index] = h;
+}
+
+template <bool kReverse, typename acc_t>
+void launch_chain(const ScanShape& s, const acc_t* A, const acc_t* dt_sum, acc_t* io, acc_t* edge,
+                  cudaStream_t stream) {
+  const int group = chain_group(s.nchunks);
+  const int64_t threads = s.batch * s.dstate * s.dim * group;
+  chain_chunks<kReverse><<<(threads + kCarryThreads - 1) / kCarryThreads, kCarryThreads, 0, stream>>>(
+      s, A, dt_sum, io, edge, group);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Forward pass 3: the chunk from its checkpoint, writing the output.
@@ -217,10 +275,6 @@ using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 
 int64_t tiles_of(const ScanShape& s) { return (s.dim_per_group + kWarp - 1) / kWarp; }
 
-int64_t carry_blocks(const ScanShape& s) {
-  return (s.batch * s.dstate * s.dim + kCarryThreads - 1) / kCarryThreads;
-}
-
 void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& out, const at::Tensor& checkpoints,
                   const at::Tensor& last_state) {
   const c10::cuda::CUDAGuard guard(in.u.device());
@@ -234,9 +288,7 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
     fwd_chunk_summary<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, dt_sum.data_ptr<acc_t>(), tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // last_state enters holding initial_state (or zeros) and leaves holding the final state.
-    chain_chunks<false><<<carry_blocks(s), kCarryThreads, 0, stream>>>(
-        s, args.A, dt_sum.data_ptr<acc_t>(), args.checkpoints, last_state.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chain<false>(s, args.A, dt_sum.data_ptr<acc_t>(), args.checkpoints, last_state.data_ptr<acc_t>(), stream);
     fwd_chunk_output<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -257,9 +309,7 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
                                                                      dt_sum.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dinitial_state enters holding dlast_state (or zeros) and leaves holding the initial state's gradient.
-    chain_chunks<true><<<carry_blocks(s), kCarryThreads, 0, stream>>>(
-        s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state, stream);
     bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
