@@ -59,7 +59,7 @@ if [ "${T_ANALYSIS:-60}" != 0 ]; then
 fi
 
 step "memory check (compute-sanitizer memcheck, small shapes)"
-if command -v compute-sanitizer >/dev/null; then
+if [ "${T_SANITIZER:-60}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   timeout ${T_SANITIZER:-60} compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/benchmarks/sanitize_scan.py" \
     2>&1 | tail -8 | tee "$OUT/sanitizer.txt" || status=1
 fi

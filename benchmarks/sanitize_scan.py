@@ -7,8 +7,12 @@ import torch
 
 import gmamba_ext
 
-for (batch, d, L, N), mode, cl, dtype in itertools.product(
-        [(2, 40, 37, 5), (1, 33, 16, 3)], ["var", "grp", "const"], [False, True], [torch.float32, torch.bfloat16]):
+# The last three shapes chain their chunks over 2, 8 and 32 lanes (63, 163 and 1027 chunks of 16 steps).
+CASES = list(itertools.product([(2, 40, 37, 5), (1, 33, 16, 3)], ["var", "grp", "const"], [False, True],
+                               [torch.float32, torch.bfloat16]))
+CASES += list(itertools.product([(1, 33, 1000, 3), (2, 5, 2600, 2), (1, 3, 16429, 2)], ["var"], [False, True],
+                                [torch.float32]))
+for (batch, d, L, N), mode, cl, dtype in CASES:
     x_shape = (batch, L, d) if cl else (batch, d, L)
     G = 1 if mode != "grp" else (5 if d % 5 == 0 else 3)
     if mode == "const":
