@@ -85,6 +85,7 @@ if HAS_EXTENSION:
 
     def _conv_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)  # the backward fills a missing half's gradient itself
 
     def _conv_backward(ctx, dx1, dz1):
         xz, weight, bias = ctx.saved_tensors
@@ -110,6 +111,7 @@ if HAS_EXTENSION:
         _, s, a, g = output
         ctx.save_for_backward(*inputs, s, a, g)
         ctx.mark_non_differentiable(s, a, g)
+        ctx.set_materialize_grads(False)  # no zero fills for s, a, g, which take no gradient
 
     def _fgmm_backward(ctx, dx2, _ds, _da, _dg):
         x1, f, c, gate_logit, w1, b1, w2, b2, ratio, s, a, g = ctx.saved_tensors

@@ -124,6 +124,9 @@ if HAS_EXTENSION:
         ctx.save_for_backward(*tensors[:5], output[2], *[t for t in optional if t is not None])
         ctx.flags = (delta_softplus, channels_last)
         ctx.mark_non_differentiable(output[2])
+        # Unused outputs' gradients arrive as None, not as zeros: the checkpoints' would be a (B, L/16, N, d)
+        # zero fill per backward, and a zero dlast_state would be read by the kernel.
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, dout, dlast_state, _dcheckpoints):
         u, delta, A, B, C, checkpoints, *present = ctx.saved_tensors
