@@ -2,7 +2,8 @@
 gmamba_ext.gssm_reference.gssm_ref (the spec as PyTorch ops + torch.fft: rfft2/irfft2, concatenations,
 separate projections) with the best available scan plugged in: mambapy's parallel scan on CPU, mamba-ssm's
 CUDA selective_scan_fn on GPU. A second column plugs gmamba_ext's own scan into the same composition, to
-separate the gain of the fusion from the gain of the scan.
+separate the gain of the fusion from the gain of the scan; a third (fused_composition) runs gssm's own
+kernels and algebra orchestrated from Python, to separate the gain of the C++ orchestration.
 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
 ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; on GPU also peak memory of
@@ -33,6 +34,7 @@ except ImportError:  # built in place, not installed: use the checkout
     import gmamba_ext
 from bench_scan_cpu import timeit  # noqa: E402
 from bench_scan_gpu import peak_memory, timed  # noqa: E402
+from gmamba_ext.gssm import gssm_composition  # noqa: E402
 from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams, gssm_ref  # noqa: E402
 
 # DESIGN.md: batch 8, (C, H = W), expand 1 (d = C / 2), N = 8; the block's d_conv 3.
@@ -58,7 +60,10 @@ def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
 
 def implementations(device, mamba_path):
     """name -> fn(x, params, config), and notes on what was unavailable."""
-    impls = {"fused": lambda x, p, cfg: gmamba_ext.gssm(x, p)}
+    # fused_composition: the same kernels and algebra orchestrated from Python (what gssm ran before the C++
+    # orchestration, and what torch.compile traces): the column that shows the host-side gain.
+    impls = {"fused": lambda x, p, cfg: gmamba_ext.gssm(x, p),
+             "fused_composition": lambda x, p, cfg: gssm_composition(x, p)}
     notes = []
     if device == "cpu":
         if importlib.util.find_spec("mambapy") is not None:

@@ -78,7 +78,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--impls", default="fused,unfused_mamba_ssm,unfused_gmamba_scan")
+    parser.add_argument("--impls", default="fused,fused_composition,unfused_mamba_ssm")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--mamba-ssm", default=None)
     args = parser.parse_args()

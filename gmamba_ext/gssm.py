@@ -21,7 +21,9 @@ the compute dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -30,10 +32,11 @@ from torch import Tensor
 
 from .gssm_ops import conv_silu, fgmm
 from .gssm_reference import GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, fem_low_mask
-from .ops import selective_scan_channels_last
+from .gssm_fused import gssm_fused
+from .ops import _has_kernel, selective_scan_channels_last
 from .reference import accumulation_dtype
 
-__all__ = ["gssm", "config_for", "as_params"]
+__all__ = ["gssm", "gssm_composition", "composition_only", "config_for", "as_params"]
 
 
 def _config_from_shapes(get, options: dict) -> GSSMConfig:
@@ -158,7 +161,22 @@ def gssm(x: Tensor, params: Union[GSSMParams, Mapping, "torch.nn.Module"], *, va
     state_dict with the release's keys (any prefix), or a module with `gssm_params()`. variant: "full",
     "ssm", "fem_ssm", "dft_fgmm_ssm"; mask: "corner", "symmetric"; directions: "uni", "bi", "four";
     initial_state: None, a (B, d, N) scan state, or a list with one per direction. See the module docstring
-    for precisions; gmamba_ext.gssm_reference.gssm_ref is the plain-PyTorch oracle."""
+    for precisions; gmamba_ext.gssm_reference.gssm_ref is the plain-PyTorch oracle.
+
+    Eager calls on a device with compiled kernels run the C++ orchestration (gssm_fused.py: one autograd
+    node, a hand-written backward); under torch.compile, and on other devices, the same algebra runs as
+    the Python composition below, which the compiler traces."""
+    return _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_bias, layout, fused=True)
+
+
+def gssm_composition(x: Tensor, params, *, variant: str = "full", mask: str = "corner", directions: str = "uni",
+                     initial_state=None, single_dt_bias: bool = False, layout: Optional[str] = None) -> Tensor:
+    """`gssm` always through the Python composition of ATen ops and the package's kernels (what torch.compile
+    traces): for tests and benchmarks of the C++ orchestration against it."""
+    return _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_bias, layout, fused=False)
+
+
+def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_bias, layout, fused: bool) -> Tensor:
     options = dict(variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias)
     params = as_params(params, options)
     config = config_for(params, **options)
@@ -170,14 +188,45 @@ def gssm(x: Tensor, params: Union[GSSMParams, Mapping, "torch.nn.Module"], *, va
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _gssm(x.to(dtype) if x.is_floating_point() else x, params, config, layout, states)
-    return _gssm(x, params, config, layout, states)
+            return _gssm(x.to(dtype) if x.is_floating_point() else x, params, config, layout, states, fused)
+    return _gssm(x, params, config, layout, states, fused)
 
 
 def _gssm(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[str],
-          states: List[Optional[Tensor]]) -> Tensor:
+          states: List[Optional[Tensor]], fused: bool) -> Tensor:
+    h, bchw = _parse_input(x, config.d_model, layout)
+    if fused and _has_kernel(h.device) and not _traced_or_batched():
+        out = gssm_fused(h, params, config, states).reshape(h.shape)
+    else:
+        out = _composition(h, params, config, states)
+    return out.permute(0, 3, 1, 2) if bchw else out
+
+
+_COMPOSITION_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def composition_only():
+    """Within this context, `gssm` runs the Python composition even in eager mode: for callers that batch
+    the backward with torch.autograd.grad(is_grads_batched=True), which needs a batching rule for every op's
+    backward (the composition's ops have them; the C++ orchestration's backward has none)."""
+    previous = getattr(_COMPOSITION_ONLY, "on", False)
+    _COMPOSITION_ONLY.on = True
+    try:
+        yield
+    finally:
+        _COMPOSITION_ONLY.on = previous
+
+
+def _traced_or_batched() -> bool:
+    """True under torch.compile, functorch transforms (vmap, grad, jvp) or composition_only(): the Python
+    composition, which those can see through, runs instead of the C++ orchestration."""
+    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or getattr(_COMPOSITION_ONLY, "on", False))
+
+
+def _composition(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:
     C, d = config.d_model, config.d
-    h, bchw = _parse_input(x, C, layout)
     B, H, W, _ = h.shape
     L = H * W
     dt = h.dtype
@@ -241,5 +290,4 @@ def _gssm(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[st
     # addmm copied the (B L, C) first product: 10 ms of a 220 ms CPU forward + backward at C = 96, H = 128)
     w_y, w_z = p("out_proj.weight").split(d, dim=1)
     out = F.linear(y.reshape(B * L, d), w_y).addmm_(z1.reshape(B * L, d), w_z.t())
-    out = out.reshape(B, H, W, C)
-    return out.permute(0, 3, 1, 2) if bchw else out
+    return out.reshape(B, H, W, C)

@@ -27,4 +27,15 @@ TORCH_LIBRARY(gmamba_ext, m) {
       "fgmm_bwd(Tensor dx2, Tensor x1, Tensor f, Tensor c, Tensor gate_logit, Tensor s, Tensor a, Tensor g, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor ratio) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The whole mixer (csrc/ops/gssm_fused.h): x (B, H, W, C) in the compute dtype; params in the order of
+  // gssm_reference.expected_shapes; one initial state (or None) per scan direction. gssm_fwd returns the
+  // output (B, L, C) and, with save, what gssm_bwd needs. gssm_bwd returns dx, one gradient per parameter
+  // and per initial state (an empty 1-D tensor where there is none).
+  m.def(
+      "gssm_fwd(Tensor x, Tensor[] params, Tensor?[] initial_states, int H, int W, str variant, str mask, "
+      "bool single_dt_bias, bool save) -> (Tensor, Tensor[])");
+  m.def(
+      "gssm_bwd(Tensor dout, Tensor x, Tensor[] params, Tensor?[] initial_states, Tensor[] saved, int H, int W, "
+      "str variant, str mask, bool single_dt_bias) -> (Tensor, Tensor[], Tensor[])");
 }

@@ -2,11 +2,13 @@
 input, each taken at a single output position with a given vector over the output channels."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..gssm import composition_only
 from .inputs import check_input, check_layout, check_positive_int, eval_mode, from_bhwc, to_bhwc
 
 __all__ = ["BATCHING", "vjp_energy"]
@@ -52,7 +54,9 @@ def vjp_energy(module: nn.Module, x: Tensor, layout: str, rows: Sequence[Tuple[i
     out = x.new_zeros(num_maps, H, W)
     fmt = _memory_format(x)
     base = x.detach()
-    with eval_mode(module), torch.enable_grad():
+    # The C++-orchestrated gssm has no batching rule for its backward: "vmap" runs the Python composition.
+    batched = composition_only() if batching == "vmap" else contextlib.nullcontext()
+    with eval_mode(module), torch.enable_grad(), batched:
         if batching == "vmap":
             leaf = base.clone(memory_format=fmt).requires_grad_(True)
             y = _forward(module, leaf)

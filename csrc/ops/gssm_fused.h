@@ -1,0 +1,107 @@
+#pragma once
+// The whole GSSM mixer as two composite ops, gssm_fwd and gssm_bwd: the forward and a hand-written backward
+// orchestrated in C++ over ATen's GEMMs and FFTs and the package's ops (conv_silu, fgmm, selective_scan).
+// Why: on a GPU at DESIGN's sizes the Python composition is host-bound (profile_gssm, runs 8-10: ~80 ops per
+// forward and ~265 per forward + backward at 20-40 us of Python, autograd and dispatch each, against
+// 0.55 ms of device work at C = 768). Here each op costs only the dispatcher and the launch, the autograd
+// graph is one node, and the backward saves what it needs and recomputes the cheap rest (x1, z1, delta).
+// The algebra is gmamba_ext/gssm.py's (folded fusion layer, pruned FFT low-pass, one GEMM for the gate's
+// and FGMM's first layers); that Python composition stays as the torch.compile path.
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace gmamba::fused {
+
+// Parameters in the order of gssm_reference.expected_shapes: these, then kPerDirection per scan direction,
+// then out_proj.weight.
+enum Param : int {
+  kInProj, kConvXW, kConvXB, kConvZW, kConvZB,
+  kLowW, kHighW, kLowProjW, kLowProjB, kHighProjW, kHighProjB, kFuse0W, kFuse0B, kFuse2W, kFuse2B,
+  kGate0W, kGate0B, kGate2W, kGate2B, kFconv0W, kFconv0B, kFconv2W, kFconv2B,
+  kAdapt1W, kAdapt1B, kAdapt3W, kAdapt3B, kRatio, kNumShared
+};
+enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
+
+// What the forward saves for the backward, in this order (an empty tensor where the variant has none: kLow
+// only with the fusion layer), then kSavedPerDirection per scan direction. No two alias each other.
+enum Saved : int { kXz, kLow, kRelu, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kX2, kY, kNumSaved };
+enum SavedPerDirection : int { kXdbl, kCheckpoints, kSavedPerDirection };
+
+// Sizes and options of one call, checked against the parameter list.
+struct Layout {
+  int64_t B, H, W, L, C, d, E4, d4, R, N, K, ndir;
+  bool fem;       // a frequency stage at all (variant != "ssm")
+  bool fusion;    // FEM's fusion MLP ("full", "fem_ssm")
+  bool fgmm;      // FGMM and the global gate ("full", "dft_fgmm_ssm")
+  bool has_low;   // the low-pass mask keeps something (H >= 4 and W // 2 + 1 >= 4)
+  bool corner;    // mask "corner" (else "symmetric")
+  bool single_dt_bias;
+  at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
+
+  int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }
+  int out_proj_index() const { return kNumShared + kPerDirection * static_cast<int>(ndir); }
+};
+
+Layout describe(const at::Tensor& x, at::TensorList params, int64_t ndir, int64_t H, int64_t W,
+                c10::string_view variant, c10::string_view mask, bool single_dt_bias);
+
+// Parameters as the computation uses them.
+struct Weights {
+  at::TensorList p;
+  const Layout& s;
+  at::Tensor operator()(int i) const { return p[i].to(s.dt); }         // GEMM operands: compute dtype
+  at::Tensor acc(int i) const { return p[i].to(s.acc).contiguous(); }  // kernel weights: accumulation dtype
+};
+
+// low = irfft2(M rfft2(x)) per channel of x (B, L, d) in x's dtype (transforms in the accumulation dtype);
+// undefined when the mask is empty. The map is self-adjoint, so the backward applies it to dlow as well.
+at::Tensor fem_low(const at::Tensor& x, const Layout& s);
+
+// Tokens (B, L, d) in raster order into direction k's scan order (0 raster, 1 reversed, 2 column-major,
+// 3 reversed column-major), and back; contiguous results.
+at::Tensor to_direction(const at::Tensor& u, int64_t k, const Layout& s);
+at::Tensor from_direction(const at::Tensor& u, int64_t k, const Layout& s);
+
+// The folded fusion layer: [x1, lf, hf] W_f1^T + b_f1 = x1 Px^T + low Pl^T + c0 (gssm.py's docstring).
+struct Fusion {
+  at::Tensor Px, Pl, c0;
+};
+Fusion fusion_weights(const Weights& w);
+
+// The conv weights of both halves as conv_silu takes them: (2d, K) and (2d,) in the accumulation dtype.
+std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w);
+
+// FGMM's small weights as fgmm_fwd / fgmm_bwd take them: w1 (d/4, d), b1, w2 (2, d/4), b2, ratio ().
+std::vector<at::Tensor> fgmm_weights(const Weights& w);
+
+// Direction k's scan operands, from its x_proj output xdbl (B L, R + 2N).
+struct ScanOperands {
+  at::Tensor dt_in, delta, A, B, C, D, bias;
+  std::optional<at::Tensor> initial_state;
+};
+ScanOperands scan_operands(const Weights& w, int64_t k, const at::Tensor& xdbl,
+                           const c10::List<std::optional<at::Tensor>>& states);
+
+// The package's ops through the dispatcher (their CPU or CUDA kernel).
+std::tuple<at::Tensor, at::Tensor> call_conv_silu_fwd(const at::Tensor& xz, const at::Tensor& w, const at::Tensor& b);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_conv_silu_bwd(const at::Tensor& dx1, const at::Tensor& dz1,
+                                                                  const at::Tensor& xz, const at::Tensor& w,
+                                                                  const at::Tensor& b);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_fgmm_fwd(const at::Tensor& x1, const at::Tensor& f,
+                                                                         const at::Tensor& c, const at::Tensor& gl,
+                                                                         const std::vector<at::Tensor>& small);
+std::vector<at::Tensor> call_fgmm_bwd(const at::Tensor& dx2, const at::Tensor& x1, const at::Tensor& f,
+                                      const at::Tensor& c, const at::Tensor& gl, const at::Tensor& s,
+                                      const at::Tensor& a, const at::Tensor& g, const std::vector<at::Tensor>& small);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_scan_fwd(const at::Tensor& u, const ScanOperands& o);
+std::vector<at::Tensor> call_scan_bwd(const at::Tensor& dout, const at::Tensor& checkpoints, const at::Tensor& u,
+                                      const ScanOperands& o);
+
+// Placeholder for an absent tensor in a Tensor[] (the Python side maps it to None).
+inline at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace gmamba::fused

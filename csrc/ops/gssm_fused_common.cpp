@@ -1,0 +1,184 @@
+// Pieces of the composite gssm ops that the forward and the backward share.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include "gssm_fused.h"
+
+namespace gmamba::fused {
+
+Layout describe(const at::Tensor& x, at::TensorList params, int64_t ndir, int64_t H, int64_t W,
+                c10::string_view variant, c10::string_view mask, bool single_dt_bias) {
+  const std::string v(variant.data(), variant.size()), m(mask.data(), mask.size());
+  TORCH_CHECK_VALUE(v == "full" || v == "ssm" || v == "fem_ssm" || v == "dft_fgmm_ssm",
+                    "gssm: variant must be 'full', 'ssm', 'fem_ssm' or 'dft_fgmm_ssm', got '", v, "'");
+  TORCH_CHECK_VALUE(m == "corner" || m == "symmetric", "gssm: mask must be 'corner' or 'symmetric', got '", m, "'");
+  TORCH_CHECK_VALUE(ndir == 1 || ndir == 2 || ndir == 4, "gssm: 1, 2 or 4 scan directions, got ", ndir);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == kNumShared + kPerDirection * ndir + 1, "gssm: expected ",
+                    kNumShared + kPerDirection * ndir + 1, " parameters for ", ndir, " direction(s), got ",
+                    params.size());
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == H && x.size(2) == W, "gssm: x must be (B, H, W, C) with H = ", H,
+                    ", W = ", W, ", got shape ", x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "gssm: x must be floating point, got ", x.scalar_type());
+  Layout s{};
+  s.B = x.size(0), s.H = H, s.W = W, s.L = H * W, s.C = x.size(3);
+  s.d = params[kConvXW].size(0);
+  s.E4 = params[kGate0W].size(0);
+  s.d4 = params[kFconv0W].size(0);
+  s.R = params[s.scan_index(0, kDtW)].size(1);
+  s.N = params[s.scan_index(0, kALog)].size(1);
+  s.K = params[kConvXW].size(-1);
+  s.ndir = ndir;
+  s.fem = v != "ssm";
+  s.fusion = v == "full" || v == "fem_ssm";
+  s.fgmm = v == "full" || v == "dft_fgmm_ssm";
+  s.has_low = H / 4 > 0 && (W / 2 + 1) / 4 > 0;
+  s.corner = m == "corner";
+  s.single_dt_bias = single_dt_bias;
+  s.dt = x.scalar_type();
+  s.acc = s.dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d &&
+                        params[kInProj].size(1) == s.C,
+                    "gssm: in_proj.weight must be (2d, C) = (", 2 * s.d, ", ", s.C, "), got ", params[kInProj].sizes());
+  for (const at::Tensor& t : params)
+    TORCH_CHECK_VALUE(t.device() == x.device(), "gssm: a parameter is on ", t.device(), " but x is on ", x.device());
+  return s;
+}
+
+at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
+  if (!s.has_low) return {};
+  if (s.B == 0) return at::zeros_like(x);  // pocketfft / MKL reject empty batches
+  const int64_t n = s.H / 4, ncol = (s.W / 2 + 1) / 4;
+  const at::Tensor xf = x.reshape({s.B, s.H, s.W, s.d}).to(s.acc);
+  // Pruned: only the ncol low columns go through the FFT along H.
+  const at::Tensor X = at::fft_fft(at::fft_rfft(xf, std::nullopt, 2).narrow(2, 0, ncol), std::nullopt, 1);
+  at::Tensor Y;
+  if (s.corner) {
+    Y = at::fft_ifft(X.narrow(1, 0, n), s.H, 1);  // the kept rows u < n, zero-padded to H
+  } else {  // rows u < ceil(n/2) and u >= H - floor(n/2)
+    at::Tensor rows = at::zeros({s.H, 1, 1}, X.options().dtype(s.acc));
+    rows.narrow(0, 0, (n + 1) / 2).fill_(1);
+    if (n / 2 > 0) rows.narrow(0, s.H - n / 2, n / 2).fill_(1);
+    Y = at::fft_ifft(X * rows, std::nullopt, 1);
+  }
+  return at::fft_irfft(Y, s.W, 2).reshape({s.B, s.L, s.d}).to(s.dt).contiguous();
+}
+
+at::Tensor to_direction(const at::Tensor& u, int64_t k, const Layout& s) {
+  if (k == 0) return u.contiguous();
+  if (k == 1) return u.flip({1});
+  const int64_t ch = u.size(2);
+  at::Tensor v = u.reshape({s.B, s.H, s.W, ch}).transpose(1, 2).reshape({s.B, s.L, ch});
+  return k == 3 ? v.flip({1}) : v;
+}
+
+at::Tensor from_direction(const at::Tensor& u, int64_t k, const Layout& s) {
+  if (k == 0) return u.contiguous();
+  if (k == 1) return u.flip({1});
+  const int64_t ch = u.size(2);
+  const at::Tensor v = k == 3 ? u.flip({1}) : u;
+  return v.reshape({s.B, s.W, s.H, ch}).transpose(1, 2).reshape({s.B, s.L, ch});
+}
+
+Fusion fusion_weights(const Weights& w) {
+  const int64_t d = w.s.d;
+  const at::Tensor W1 = w(kFuse0W);
+  const at::Tensor W1a = W1.narrow(1, 0, d), W1b = W1.narrow(1, d, d), W1c = W1.narrow(1, 2 * d, d);
+  const at::Tensor sl = at::sigmoid(w(kLowW)), sh = at::sigmoid(w(kHighW));
+  const at::Tensor hp = sh * at::mm(W1c, w(kHighProjW));
+  Fusion f;
+  f.Px = W1a + hp;
+  f.Pl = sl * at::mm(W1b, w(kLowProjW)) - hp;
+  f.c0 = w(kFuse0B) + sl * at::mv(W1b, w(kLowProjB)) + sh * at::mv(W1c, w(kHighProjB));
+  return f;
+}
+
+std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w) {
+  const at::Tensor weight = at::cat({w.p[kConvXW], w.p[kConvZW]}).reshape({2 * w.s.d, w.s.K});
+  const at::Tensor bias = at::cat({w.p[kConvXB], w.p[kConvZB]});
+  return {weight.to(w.s.acc).contiguous(), bias.to(w.s.acc).contiguous()};
+}
+
+std::vector<at::Tensor> fgmm_weights(const Weights& w) {
+  const Layout& s = w.s;
+  return {w.acc(kAdapt1W).reshape({s.d4, s.d}), w.acc(kAdapt1B), w.acc(kAdapt3W).reshape({2, s.d4}),
+          w.acc(kAdapt3B), w.acc(kRatio).reshape({})};
+}
+
+ScanOperands scan_operands(const Weights& w, int64_t k, const at::Tensor& xdbl,
+                           const c10::List<std::optional<at::Tensor>>& states) {
+  const Layout& s = w.s;
+  ScanOperands o;
+  o.dt_in = xdbl.narrow(1, 0, s.R);
+  const at::Tensor dt_w = w(s.scan_index(k, kDtW)).t();
+  // The release adds dt_proj's bias twice (in dt_proj and as the scan's delta_bias) unless single_dt_bias.
+  o.delta = (s.single_dt_bias ? at::mm(o.dt_in, dt_w) : at::addmm(w(s.scan_index(k, kDtB)), o.dt_in, dt_w))
+                .view({s.B, s.L, s.d});
+  o.A = w.acc(s.scan_index(k, kALog)).exp().neg_();
+  o.B = xdbl.narrow(1, s.R, s.N).to(s.acc).contiguous().view({s.B, s.L, s.N});
+  o.C = xdbl.narrow(1, s.R + s.N, s.N).to(s.acc).contiguous().view({s.B, s.L, s.N});
+  o.D = w.acc(s.scan_index(k, kD));
+  o.bias = w.acc(s.scan_index(k, kDtB));
+  const std::optional<at::Tensor> state = states.get(k);
+  if (state.has_value()) o.initial_state = state->to(s.acc).contiguous();
+  return o;
+}
+
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using T = at::Tensor;
+using OptT = std::optional<at::Tensor>;
+
+}  // namespace
+
+std::tuple<T, T> call_conv_silu_fwd(const T& xz, const T& w, const T& b) {
+  static const auto op = handle<std::tuple<T, T>(const T&, const T&, const T&)>("gmamba_ext::conv_silu_fwd");
+  return op.call(xz, w, b);
+}
+
+std::tuple<T, T, T> call_conv_silu_bwd(const T& dx1, const T& dz1, const T& xz, const T& w, const T& b) {
+  static const auto op = handle<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&)>(
+      "gmamba_ext::conv_silu_bwd");
+  return op.call(dx1, dz1, xz, w, b);
+}
+
+std::tuple<T, T, T, T> call_fgmm_fwd(const T& x1, const T& f, const T& c, const T& gl, const std::vector<T>& small) {
+  static const auto op = handle<std::tuple<T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&,
+                                                       const T&, const T&, const T&)>("gmamba_ext::fgmm_fwd");
+  return op.call(x1, f, c, gl, small[0], small[1], small[2], small[3], small[4]);
+}
+
+std::vector<T> call_fgmm_bwd(const T& dx2, const T& x1, const T& f, const T& c, const T& gl, const T& s, const T& a,
+                             const T& g, const std::vector<T>& small) {
+  static const auto op =
+      handle<std::tuple<T, T, T, T, T, T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&,
+                                                   const T&, const T&, const T&, const T&, const T&, const T&,
+                                                   const T&)>("gmamba_ext::fgmm_bwd");
+  const auto r = op.call(dx2, x1, f, c, gl, s, a, g, small[0], small[1], small[2], small[3], small[4]);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r),
+          std::get<5>(r), std::get<6>(r), std::get<7>(r), std::get<8>(r)};
+}
+
+std::tuple<T, T, T> call_scan_fwd(const T& u, const ScanOperands& o) {
+  static const auto op = handle<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, const OptT&,
+                                                    const OptT&, const OptT&, const OptT&, bool, bool)>(
+      "gmamba_ext::selective_scan_fwd");
+  return op.call(u, o.delta, o.A, o.B, o.C, o.D, std::nullopt, o.bias, o.initial_state, true, true);
+}
+
+std::vector<T> call_scan_bwd(const T& dout, const T& checkpoints, const T& u, const ScanOperands& o) {
+  static const auto op =
+      handle<std::tuple<T, T, T, T, T, T, T, T, T>(const T&, const OptT&, const T&, const T&, const T&, const T&,
+                                                   const T&, const T&, const OptT&, const OptT&, const OptT&,
+                                                   const OptT&, bool, bool)>("gmamba_ext::selective_scan_bwd");
+  const auto r = op.call(dout, std::nullopt, checkpoints, u, o.delta, o.A, o.B, o.C, o.D, std::nullopt, o.bias,
+                         o.initial_state, true, true);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r),
+          std::get<5>(r), std::get<6>(r), std::get<7>(r), std::get<8>(r)};
+}
+
+}  // namespace gmamba::fused

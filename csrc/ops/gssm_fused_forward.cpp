@@ -1,0 +1,104 @@
+// gssm_fwd: the GSSM mixer's forward (gmamba_ext/gssm.py's algebra) in one op, and what its backward needs.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include "gssm_fused.h"
+
+namespace gmamba::fused {
+namespace {
+
+struct Frequency {  // FEM and FGMM outputs, and what the backward keeps of them
+  at::Tensor x2, low, relu, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g;
+};
+
+Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
+  const Layout& s = w.s;
+  const int64_t BL = s.B * s.L, d = s.d;
+  Frequency f;
+  if (!s.fem) {
+    f.x2 = x1;
+    return f;
+  }
+  f.low = fem_low(x1, s);
+  if (s.fusion) {
+    const Fusion fw = fusion_weights(w);
+    at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
+    if (f.low.defined()) pre.addmm_(f.low.view({BL, d}), fw.Pl.t());
+    f.relu = pre.relu_();
+    f.Fm = at::addmm(w(kFuse2B), f.relu, w(kFuse2W).t()).view({s.B, s.L, d});
+  } else {
+    f.Fm = f.low.defined() ? f.low : at::zeros_like(x1);
+  }
+  if (!s.fgmm) {
+    f.x2 = x1 + f.Fm;
+    return f;
+  }
+  // The global gate's and FGMM's first layers both read Fm: one GEMM with the two weights stacked.
+  const at::Tensor w_first = at::cat({w(kGate0W), w(kFconv0W).reshape({s.d4, d})});
+  f.hid = at::addmm(at::cat({w(kGate0B), w(kFconv0B)}), f.Fm.view({BL, d}), w_first.t()).relu_();
+  f.gate_logit = at::addmm(w(kGate2B), f.hid.narrow(1, 0, s.E4), w(kGate2W).t()).view({s.B, s.L});
+  f.fc = at::addmm(w(kFconv2B), f.hid.narrow(1, s.E4, s.d4), w(kFconv2W).reshape({d, s.d4}).t())
+             .view({s.B, s.L, d});
+  std::tie(f.x2, f.pool_s, f.mix_a, f.gate_g) = call_fgmm_fwd(x1, f.Fm, f.fc, f.gate_logit, fgmm_weights(w));
+  return f;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_forward(const at::Tensor& x, at::TensorList params,
+                                                             const c10::List<std::optional<at::Tensor>>& states,
+                                                             int64_t H, int64_t W, c10::string_view variant,
+                                                             c10::string_view mask, bool single_dt_bias, bool save) {
+  // Every dtype here is chosen explicitly (the Python wrapper resolves autocast before the call).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // the inner ops' autograd kernels are Python: skip them
+  const Layout s = describe(x, params, states.size(), H, W, variant, mask, single_dt_bias);
+  const Weights w{params, s};
+  const int64_t BL = s.B * s.L, d = s.d;
+
+  // 1-2. in_proj, then conv + SiLU of both halves in one pass
+  const at::Tensor xz = at::mm(x.reshape({BL, s.C}), w(kInProj).t()).view({s.B, s.L, 2 * d});
+  const auto [conv_w, conv_b] = conv_weights(w);
+  const auto [x1, z1] = call_conv_silu_fwd(xz, conv_w, conv_b);
+
+  // 3-6. FEM, FGMM and the global gate
+  Frequency f = frequency_stages(w, x1);
+
+  // 7. the selective scan per direction (channels last; softplus and delta_bias folded into the kernel)
+  at::Tensor y;
+  std::vector<at::Tensor> per_direction;
+  for (int64_t k = 0; k < s.ndir; ++k) {
+    const at::Tensor u = to_direction(f.x2, k, s);
+    const at::Tensor xdbl = at::mm(u.view({BL, d}), w(s.scan_index(k, kXProj)).t());
+    const ScanOperands o = scan_operands(w, k, xdbl, states);
+    const auto [out_k, last_state, checkpoints] = call_scan_fwd(u, o);
+    const at::Tensor yk = from_direction(out_k, k, s);
+    y = y.defined() ? y.add_(yk) : yk;
+    if (save) {
+      per_direction.push_back(xdbl);
+      per_direction.push_back(checkpoints);
+    }
+  }
+
+  // 8. out_proj on [y | z1] without concatenating
+  const at::Tensor w_out = w(s.out_proj_index());
+  at::Tensor out = at::mm(y.view({BL, d}), w_out.narrow(1, 0, d).t());
+  out.addmm_(z1.view({BL, d}), w_out.narrow(1, d, d).t());
+  out = out.view({s.B, s.L, s.C});
+
+  std::vector<at::Tensor> saved;
+  if (!save) return {out, saved};
+  const auto keep = [&](const at::Tensor& t) { saved.push_back(t.defined() ? t : absent(x)); };
+  // low only where the backward reads it (the fusion layer); in dft_fgmm_ssm it is Fm itself.
+  for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.relu, f.Fm, f.hid, f.gate_logit, f.fc, f.pool_s, f.mix_a, f.gate_g,
+                              f.x2, y})
+    keep(t);
+  for (const at::Tensor& t : per_direction) keep(t);
+  return {out, saved};
+}
+
+}  // namespace
+}  // namespace gmamba::fused
+
+TORCH_LIBRARY_IMPL(gmamba_ext, CompositeExplicitAutograd, m) {
+  m.impl("gssm_fwd", &gmamba::fused::gssm_forward);
+}

@@ -1,0 +1,115 @@
+"""The GSSM mixer through the composite C++ ops `gssm_fwd` / `gssm_bwd` (csrc/ops/gssm_fused.h): the same
+algebra as gssm.py's Python composition, orchestrated in C++ with a hand-written backward, so that a call
+costs one autograd node and one dispatcher round trip per kernel rather than Python and autograd work per
+op (a GPU forward at DESIGN's sizes was host-bound on the Python composition)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .gssm_reference import GSSMConfig, GSSMParams, expected_shapes
+
+__all__ = ["gssm_fused"]
+
+
+@lru_cache(maxsize=None)
+def _param_keys(n_directions: int) -> Tuple[str, ...]:
+    """The state_dict keys in the order the C++ ops take them (expected_shapes' order)."""
+    directions = {1: "uni", 2: "bi", 4: "four"}[n_directions]
+    return tuple(expected_shapes(GSSMConfig(d_model=8, directions=directions)))
+
+
+def _absent_to_none(grads) -> List[Optional[Tensor]]:
+    # The ops mark an absent gradient with an empty 1-D tensor; no parameter or state is empty.
+    return [None if g.numel() == 0 and g.dim() == 1 else g for g in grads]
+
+
+class _GSSMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, options, n_states, *tensors):
+        states, params = list(tensors[:n_states]), list(tensors[n_states:])
+        out, saved = torch.ops.gmamba_ext.gssm_fwd(h, params, states, *options, True)
+        ctx.options, ctx.n_states, ctx.n_params = options, n_states, len(params)
+        ctx.save_for_backward(h, *states, *params, *saved)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        h, *rest = ctx.saved_tensors
+        states = rest[:ctx.n_states]
+        params = rest[ctx.n_states:ctx.n_states + ctx.n_params]
+        saved = rest[ctx.n_states + ctx.n_params:]
+        dh, dparams, dstates = torch.ops.gmamba_ext.gssm_bwd(dout, h, params, states, saved, *ctx.options)
+        dstates = [g if s is not None else None for g, s in zip(_absent_to_none(dstates), states)]
+        return (dh, None, None, *dstates, *_absent_to_none(dparams))
+
+
+def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:
+    """out (B, L, C) of the mixer on h (B, H, W, C) in h's dtype (autocast already resolved by the caller)."""
+    B, H, W, C = h.shape
+    tensors = [params[key] for key in _param_keys(config.n_directions)]
+    options = (H, W, config.variant, config.mask, config.single_dt_bias)
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(t.requires_grad for t in tensors)
+                                        or any(s is not None and s.requires_grad for s in states))
+    if not grad:
+        return torch.ops.gmamba_ext.gssm_fwd(h, tensors, states, *options, False)[0]
+    return _GSSMFunction.apply(h, options, len(states), *states, *tensors)
+
+
+
+# Fake kernels (shapes only), for opcheck and FakeTensor tracing of the raw ops. They restate the C++ ops'
+# output layout (csrc/ops/gssm_fused.h: Saved); opcheck in the tests compares the two.
+_FUSION = range(5, 15)  # low/high weights, their projections, the fusion MLP
+_FGMM = range(15, 28)   # gate, FGMM conv and adaptive weights, freq_ratio
+
+
+def _sizes(x, params, H, W):
+    B, C = x.shape[0], x.shape[3]
+    d, K = params[1].shape[0], params[1].shape[-1]
+    E4, d4 = params[15].shape[0], params[19].shape[0]
+    R, N = params[29].shape[1], params[31].shape[1]
+    return B, H * W, C, d, E4, d4, R, N
+
+
+def _flags(variant, H, W):
+    fusion = variant in ("full", "fem_ssm")
+    fgmm = variant in ("full", "dft_fgmm_ssm")
+    has_low = H // 4 > 0 and (W // 2 + 1) // 4 > 0
+    return variant != "ssm", fusion, fgmm, has_low
+
+
+if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"):
+
+    @torch.library.register_fake("gmamba_ext::gssm_fwd")
+    def _gssm_fwd_fake(x, params, initial_states, H, W, variant, mask, single_dt_bias, save):
+        B, L, C, d, E4, d4, R, N = _sizes(x, params, H, W)
+        fem, fusion, fgmm, has_low = _flags(variant, H, W)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+        def maybe(present, shape, dtype=x.dtype):
+            return x.new_empty(shape if present else (0,), dtype=dtype if present else x.dtype)
+
+        out = x.new_empty((B, L, C))
+        if not save:
+            return out, []
+        saved = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fusion, (B * L, 2 * d)),
+                 maybe(fem, (B, L, d)), maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)), maybe(fgmm, (B, L, d)),
+                 maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
+                 x.new_empty((B, L, d)), x.new_empty((B, L, d))]
+        for _ in initial_states:
+            saved += [x.new_empty((B * L, R + 2 * N)), x.new_empty((B, -(-L // 16), N, d), dtype=acc)]
+        return out, saved
+
+    @torch.library.register_fake("gmamba_ext::gssm_bwd")
+    def _gssm_bwd_fake(dout, x, params, initial_states, saved, H, W, variant, mask, single_dt_bias):
+        _, fusion, fgmm, _ = _flags(variant, H, W)
+        unused = set() if fusion else set(_FUSION)
+        unused |= set() if fgmm else set(_FGMM)
+        dparams = [x.new_empty((0,)) if i in unused else torch.empty_like(p, memory_format=torch.contiguous_format)
+                   for i, p in enumerate(params)]
+        dstates = [x.new_empty((0,)) if s is None else torch.empty_like(s) for s in initial_states]
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), dparams, dstates

@@ -1,0 +1,215 @@
+"""The C++ orchestration of gssm (ops gssm_fwd / gssm_bwd with a hand-written backward) against the Python
+composition of the same kernels (gssm_composition, itself checked against gssm_ref in test_gssm.py): outputs
+and every gradient in float64 over variants, masks, directions, initial states and layouts; opcheck of both
+raw ops; the routes that must fall back to the composition (functorch, composition_only); autocast around
+the backward; inference without saving; errors of the raw ops."""
+import itertools
+
+import pytest
+import torch
+
+from gmamba_ext.gssm import composition_only, gssm, gssm_composition
+from gmamba_ext.gssm_fused import _param_keys
+from gmamba_ext.ops import HAS_EXTENSION
+from gssm_helpers import cast, make, param_fields
+
+pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled extension is not built")
+f64 = torch.float64
+
+
+def inputs(cfg, B, H, W, g, dtype=f64):
+    return torch.randn(B, H, W, cfg.d_model, generator=g, dtype=f64).to(dtype)
+
+
+def outputs_and_grads(fn, x, p, states, dout, **options):
+    names = param_fields(p)
+    xs = x.clone().requires_grad_()
+    ts = [getattr(p, n).clone().requires_grad_() for n in names]
+    ss = [None if s is None else s.clone().requires_grad_() for s in states]
+    out = fn(xs, p.replace(**dict(zip(names, ts))), initial_state=ss if len(ss) > 1 else ss[0], **options)
+    out.backward(dout)
+    leaves = [xs] + ts + [s for s in ss if s is not None]
+    return out.detach(), [t.grad for t in leaves]
+
+
+def grad_fn_names(t):
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("variant,mask,directions",
+                         [(v, m, d) for v, m, d in itertools.product(("full", "ssm", "fem_ssm", "dft_fgmm_ssm"),
+                                                                     ("corner", "symmetric"), ("uni", "bi", "four"))
+                          if m == "corner" or d == "bi"])
+def test_matches_composition_float64(variant, mask, directions):
+    cfg, p, g = make(16, variant=variant, mask=mask, directions=directions, d_state=5)
+    n = cfg.n_directions
+    options = dict(variant=variant, mask=mask, directions=directions)
+    for B, H, W in ((2, 9, 12), (1, 3, 5)):  # with and without a low-pass
+        x = inputs(cfg, B, H, W, g)
+        states = [torch.randn(B, cfg.d, cfg.d_state, generator=g, dtype=f64) if k % 2 == 0 else None
+                  for k in range(n)]
+        dout = torch.randn(B, H, W, cfg.d_model, generator=g, dtype=f64)
+        got_out, got = outputs_and_grads(gssm, x, p, states, dout, **options)
+        want_out, want = outputs_and_grads(gssm_composition, x, p, states, dout, **options)
+        torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, want):
+            if b is None:  # a parameter the variant does not use
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_eager_call_runs_the_cpp_orchestration():
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 2, 8, 8, g).requires_grad_()
+    assert "_GSSMFunctionBackward" in grad_fn_names(gssm(x, p))
+    assert "_GSSMFunctionBackward" not in grad_fn_names(gssm_composition(x, p))
+    with composition_only():
+        assert "_GSSMFunctionBackward" not in grad_fn_names(gssm(x, p))
+    with torch.no_grad():  # inference: the op without saving anything
+        torch.testing.assert_close(gssm(x, p), gssm_composition(x, p), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("single_dt_bias", [False, True])
+def test_bchw_layout_and_single_dt_bias(single_dt_bias):
+    cfg, p, g = make(16, d_state=4, single_dt_bias=single_dt_bias)
+    x = inputs(cfg, 2, 8, 12, g).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    dout = torch.randn(2, 16, 8, 12, generator=g, dtype=f64)
+    got_out, got = outputs_and_grads(gssm, x, p, [None], dout, single_dt_bias=single_dt_bias)
+    want_out, want = outputs_and_grads(gssm_composition, x, p, [None], dout, single_dt_bias=single_dt_bias)
+    assert got_out.shape == (2, 16, 8, 12)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_and_bfloat16_match_composition():
+    cfg, p, g = make(32, d_state=8, directions="bi")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q = cast(p, dtype)
+        x = inputs(cfg, 2, 12, 10, g, dtype)
+        dout = torch.randn(2, 12, 10, 32, generator=g).to(dtype)
+        got_out, got = outputs_and_grads(gssm, x, q, [None, None], dout, directions="bi")
+        want_out, want = outputs_and_grads(gssm_composition, x, q, [None, None], dout, directions="bi")
+        torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+        for a, b in zip(got, want):
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale + 1e-6)
+
+
+def test_backward_under_autocast_keeps_its_dtypes():
+    """A backward run inside an autocast region must not have its GEMMs recast (the op excludes autocast)."""
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 2, 8, 8, g, torch.float32)
+    p32 = cast(p, torch.float32)
+    names = param_fields(p32)
+
+    def grads(inside_autocast):
+        ts = [getattr(p32, n).clone().requires_grad_() for n in names]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gssm(x, p32.replace(**dict(zip(names, ts))))
+            if inside_autocast:
+                out.float().square().sum().backward()
+        if not inside_autocast:
+            out.float().square().sum().backward()
+        return [t.grad for t in ts]
+
+    for a, b in zip(grads(True), grads(False)):
+        assert a.dtype == torch.float32
+        assert torch.equal(a, b)
+
+
+def test_functorch_vmap_uses_the_composition():
+    cfg, p, g = make(16, d_state=4)
+    xs = inputs(cfg, 3, 8, 8, g)
+    batched = torch.func.vmap(lambda x: gssm(x[None], p)[0])(xs)
+    torch.testing.assert_close(batched, torch.cat([gssm(x[None], p) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_is_refused():
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 8, 8, g).requires_grad_()
+    (gx,) = torch.autograd.grad(gssm(x, p).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+def raw_args(variant="full", directions="uni", H=8, W=8, B=2, dtype=f64, states=False):
+    cfg, p, g = make(16, variant=variant, directions=directions, d_state=4)
+    params = [p[k].to(dtype) for k in _param_keys(cfg.n_directions)]
+    init = [torch.randn(B, cfg.d, cfg.d_state, generator=g, dtype=f64) if states and k == 0 else None
+            for k in range(cfg.n_directions)]
+    return inputs(cfg, B, H, W, g, dtype), params, init, (H, W, variant, "corner", False)
+
+
+@pytest.mark.parametrize("variant,directions,H", [("full", "uni", 8), ("full", "bi", 3), ("ssm", "uni", 8),
+                                                  ("fem_ssm", "uni", 8), ("dft_fgmm_ssm", "bi", 8)])
+def test_opcheck(variant, directions, H):
+    x, params, init, options = raw_args(variant, directions, H=H, states=True)
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, False))
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, True))
+    out, saved = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd.default,
+                          (torch.randn_like(out), x, params, init, saved, *options))
+
+
+def test_raw_op_errors():
+    x, params, init, options = raw_args()
+    with pytest.raises(ValueError, match="expected 34 parameters"):
+        torch.ops.gmamba_ext.gssm_fwd(x, params[:-1], init, *options, False)
+    with pytest.raises(ValueError, match="variant must be"):
+        torch.ops.gmamba_ext.gssm_fwd(x, params, init, 8, 8, "nope", "corner", False, False)
+    with pytest.raises(ValueError, match="mask must be"):
+        torch.ops.gmamba_ext.gssm_fwd(x, params, init, 8, 8, "full", "nope", False, False)
+    with pytest.raises(ValueError, match=r"x must be \(B, H, W, C\)"):
+        torch.ops.gmamba_ext.gssm_fwd(x, params, init, 4, 16, "full", "corner", False, False)
+    with pytest.raises(ValueError, match="in_proj.weight must be"):
+        torch.ops.gmamba_ext.gssm_fwd(x[..., :8], params, init, *options, False)
+    out, saved = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
+    with pytest.raises(ValueError, match="'saved' must be"):
+        torch.ops.gmamba_ext.gssm_bwd(out, x, params, init, saved[:-1], *options)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant,directions", [("full", "bi"), ("ssm", "uni"), ("fem_ssm", "four"),
+                                                ("dft_fgmm_ssm", "uni")])
+def test_cuda_matches_composition(variant, directions):
+    cfg, p, g = make(32, variant=variant, directions=directions, d_state=8)
+    n = cfg.n_directions
+    for dtype, tol in ((f64, 1e-10), (torch.float32, 1e-4)):
+        q = cast(p, dtype, "cuda")
+        x = inputs(cfg, 2, 13, 9, g, dtype).cuda()
+        states = [torch.randn(2, cfg.d, 8, generator=g, dtype=f64).to(dtype).cuda() if k == 0 else None
+                  for k in range(n)]
+        dout = torch.randn(2, 13, 9, 32, generator=g, dtype=f64).to(dtype).cuda()
+        got_out, got = outputs_and_grads(gssm, x, q, states, dout, variant=variant, directions=directions)
+        want_out, want = outputs_and_grads(gssm_composition, x, q, states, dout, variant=variant,
+                                           directions=directions)
+        torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item() + 1e-12)
+
+
+@needs_cuda
+def test_cuda_opcheck():
+    x, params, init, options = raw_args("full", "bi", states=True)
+    x, params = x.cuda(), [t.cuda() for t in params]
+    init = [None if s is None else s.cuda() for s in init]
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, True))
+    out, saved = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd.default,
+                          (torch.randn_like(out), x, params, init, saved, *options))
