@@ -31,21 +31,33 @@ class _GSSMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, options, n_states, *tensors):
         states, params = list(tensors[:n_states]), list(tensors[n_states:])
-        out, saved = torch.ops.gmamba_ext.gssm_fwd(h, params, states, *options, True)
-        ctx.options, ctx.n_states, ctx.n_params = options, n_states, len(params)
-        ctx.save_for_backward(h, *states, *params, *saved)
+        out, front, scan = torch.ops.gmamba_ext.gssm_fwd(h, params, states, *options, True)
+        ctx.options, ctx.n_states = options, n_states
+        ctx.save_for_backward(h, *states, *params)
+        # Intermediates, kept on ctx (not save_for_backward) so that the backward can drop each list as soon
+        # as it is consumed: the scan's tensors are freed before the front part of the backward runs.
+        ctx.intermediates = [front, scan]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         h, *rest = ctx.saved_tensors
-        states = rest[:ctx.n_states]
-        params = rest[ctx.n_states:ctx.n_states + ctx.n_params]
-        saved = rest[ctx.n_states + ctx.n_params:]
-        dh, dparams, dstates = torch.ops.gmamba_ext.gssm_bwd(dout, h, params, states, saved, *ctx.options)
+        states, params = rest[:ctx.n_states], rest[ctx.n_states:]
+        lists = ctx.intermediates
+        if lists is None:
+            raise RuntimeError("gssm: backward through the same graph a second time needs retain_graph=True "
+                               "on the first backward")
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            ctx.intermediates = None  # release with the locals below, not when the graph is freed
+        front, scan = lists
+        del lists
+        dx2, dparams_scan, dstates = torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], params, states, scan,
+                                                                        *ctx.options)
+        del scan
+        dh, dparams_front = torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, h, params, front, *ctx.options)
         dstates = [g if s is not None else None for g, s in zip(_absent_to_none(dstates), states)]
-        return (dh, None, None, *dstates, *_absent_to_none(dparams))
+        return (dh, None, None, *dstates, *_absent_to_none(dparams_front), *dparams_scan)
 
 
 def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:
@@ -62,17 +74,17 @@ def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[O
 
 
 # Fake kernels (shapes only), for opcheck and FakeTensor tracing of the raw ops. They restate the C++ ops'
-# output layout (csrc/ops/gssm_fused.h: Saved); opcheck in the tests compares the two.
+# output layout (csrc/ops/gssm_fused.h: FrontSaved, ScanSaved); opcheck in the tests compares the two.
 _FUSION = range(5, 15)  # low/high weights, their projections, the fusion MLP
 _FGMM = range(15, 28)   # gate, FGMM conv and adaptive weights, freq_ratio
+_N_SHARED = 28          # parameters before the per-direction ones
 
 
-def _sizes(x, params, H, W):
-    B, C = x.shape[0], x.shape[3]
-    d, K = params[1].shape[0], params[1].shape[-1]
+def _sizes(params, H, W):
+    d = params[1].shape[0]
     E4, d4 = params[15].shape[0], params[19].shape[0]
     R, N = params[29].shape[1], params[31].shape[1]
-    return B, H * W, C, d, E4, d4, R, N
+    return H * W, d, E4, d4, R, N
 
 
 def _flags(variant, H, W):
@@ -86,7 +98,8 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
 
     @torch.library.register_fake("gmamba_ext::gssm_fwd")
     def _gssm_fwd_fake(x, params, initial_states, H, W, variant, mask, single_dt_bias, save):
-        B, L, C, d, E4, d4, R, N = _sizes(x, params, H, W)
+        B, C = x.shape[0], x.shape[3]
+        L, d, E4, d4, R, N = _sizes(params, H, W)
         fem, fusion, fgmm, has_low = _flags(variant, H, W)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -95,21 +108,28 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
 
         out = x.new_empty((B, L, C))
         if not save:
-            return out, []
-        saved = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fusion, (B * L, 2 * d)),
-                 maybe(fem, (B, L, d)), maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)), maybe(fgmm, (B, L, d)),
-                 maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
-                 x.new_empty((B, L, d)), x.new_empty((B, L, d))]
+            return out, [], []
+        front = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
+                 maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)), maybe(fgmm, (B, L, d)),
+                 maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc)]
+        scan = [x.new_empty((B, L, d)), x.new_empty((B, L, d))]
         for _ in initial_states:
-            saved += [x.new_empty((B * L, R + 2 * N)), x.new_empty((B, -(-L // 16), N, d), dtype=acc)]
-        return out, saved
+            xdbl = x.new_empty((B * L, -(-(R + 2 * N) // 4) * 4))[:, :R + 2 * N]  # rows 16-byte aligned
+            scan += [xdbl, x.new_empty((B, -(-L // 16), N, d), dtype=acc)]
+        return out, front, scan
 
-    @torch.library.register_fake("gmamba_ext::gssm_bwd")
-    def _gssm_bwd_fake(dout, x, params, initial_states, saved, H, W, variant, mask, single_dt_bias):
+    @torch.library.register_fake("gmamba_ext::gssm_bwd_scan")
+    def _gssm_bwd_scan_fake(dout, xz, params, initial_states, saved, H, W, variant, mask, single_dt_bias):
+        B, L = xz.shape[0], xz.shape[1]
+        d = params[1].shape[0]
+        dparams = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params[_N_SHARED:]]
+        dstates = [xz.new_empty((0,)) if s is None else torch.empty_like(s) for s in initial_states]
+        return xz.new_empty((B, L, d)), dparams, dstates
+
+    @torch.library.register_fake("gmamba_ext::gssm_bwd_front")
+    def _gssm_bwd_front_fake(dout, dx2, x, params, saved, H, W, variant, mask, single_dt_bias):
         _, fusion, fgmm, _ = _flags(variant, H, W)
-        unused = set() if fusion else set(_FUSION)
-        unused |= set() if fgmm else set(_FGMM)
-        dparams = [x.new_empty((0,)) if i in unused else torch.empty_like(p, memory_format=torch.contiguous_format)
-                   for i, p in enumerate(params)]
-        dstates = [x.new_empty((0,)) if s is None else torch.empty_like(s) for s in initial_states]
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device), dparams, dstates
+        dparams = [torch.empty_like(p, memory_format=torch.contiguous_format)
+                   if i < 5 or (fusion and i in _FUSION) or (fgmm and i in _FGMM) else x.new_empty((0,))
+                   for i, p in enumerate(params[:_N_SHARED])]
+        return x.new_empty(x.shape), dparams

@@ -46,7 +46,6 @@ Choices where the spec is silent (or leaves an option)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
@@ -146,12 +145,18 @@ def _scan_keys(k: int) -> Dict[str, str]:
 
 def expected_shapes(config: GSSMConfig) -> Dict[str, Tuple[int, ...]]:
     """Ordered state_dict key -> shape for `config` (the spec's table, plus the extra scan directions)."""
-    return dict(_shape_table(config))
+    if torch.compiler.is_compiling():  # traced once per graph anyway; dynamo cannot store into the cache
+        return _shape_table(config)
+    table = _SHAPE_TABLES.get(config)
+    if table is None:  # cached: every gssm call validates its parameters against it (GSSMConfig is hashable)
+        table = _SHAPE_TABLES[config] = _shape_table(config)
+    return dict(table)
 
 
-@functools.lru_cache(maxsize=256)
+_SHAPE_TABLES: Dict[GSSMConfig, Dict[str, Tuple[int, ...]]] = {}
+
+
 def _shape_table(config: GSSMConfig) -> Dict[str, Tuple[int, ...]]:
-    # cached: every gssm call validates its parameters against it (GSSMConfig is frozen, so hashable)
     C, E, d, N, K, R = config.d_model, config.E, config.d, config.d_state, config.d_conv, config.R
     E4, d4 = E // 4, d // 4
     s = {

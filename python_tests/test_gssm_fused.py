@@ -150,32 +150,55 @@ def raw_args(variant="full", directions="uni", H=8, W=8, B=2, dtype=f64, states=
     return inputs(cfg, B, H, W, g, dtype), params, init, (H, W, variant, "corner", False)
 
 
+def opcheck_all(x, params, init, options):
+    """opcheck of gssm_fwd (with and without saving) and of both backward ops on its outputs."""
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, False))
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, True))
+    out, front, scan = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd_scan.default, (dout, front[0], params, init, scan, *options))
+    dx2 = torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], params, init, scan, *options)[0]
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd_front.default, (dout, dx2, x, params, front, *options))
+
+
 @pytest.mark.parametrize("variant,directions,H", [("full", "uni", 8), ("full", "bi", 3), ("ssm", "uni", 8),
                                                   ("fem_ssm", "uni", 8), ("dft_fgmm_ssm", "bi", 8)])
 def test_opcheck(variant, directions, H):
-    x, params, init, options = raw_args(variant, directions, H=H, states=True)
-    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, False))
-    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, True))
-    out, saved = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
-    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd.default,
-                          (torch.randn_like(out), x, params, init, saved, *options))
+    opcheck_all(*raw_args(variant, directions, H=H, states=True))
 
 
 def test_raw_op_errors():
     x, params, init, options = raw_args()
-    with pytest.raises(ValueError, match="expected 34 parameters"):
+    with pytest.raises(ValueError, match="expected 34, 39 or 49 parameters"):
         torch.ops.gmamba_ext.gssm_fwd(x, params[:-1], init, *options, False)
+    with pytest.raises(ValueError, match="expected 1 initial states"):
+        torch.ops.gmamba_ext.gssm_fwd(x, params, init + [None], *options, False)
     with pytest.raises(ValueError, match="variant must be"):
         torch.ops.gmamba_ext.gssm_fwd(x, params, init, 8, 8, "nope", "corner", False, False)
     with pytest.raises(ValueError, match="mask must be"):
         torch.ops.gmamba_ext.gssm_fwd(x, params, init, 8, 8, "full", "nope", False, False)
     with pytest.raises(ValueError, match=r"x must be \(B, H, W, C\)"):
         torch.ops.gmamba_ext.gssm_fwd(x, params, init, 4, 16, "full", "corner", False, False)
-    with pytest.raises(ValueError, match="in_proj.weight must be"):
+    with pytest.raises(ValueError, match=r"x must be \(B, H, W, C\)"):
         torch.ops.gmamba_ext.gssm_fwd(x[..., :8], params, init, *options, False)
-    out, saved = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
-    with pytest.raises(ValueError, match="'saved' must be"):
-        torch.ops.gmamba_ext.gssm_bwd(out, x, params, init, saved[:-1], *options)
+    out, front, scan = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
+    with pytest.raises(ValueError, match="'saved' and 'initial_states' must be"):
+        torch.ops.gmamba_ext.gssm_bwd_scan(out, front[0], params, init, scan[:-1], *options)
+    with pytest.raises(ValueError, match="'saved' must be the front list"):
+        torch.ops.gmamba_ext.gssm_bwd_front(out, x[..., :8].reshape(out.shape[0], -1, 8), x, params, front[:-1],
+                                            *options)
+
+
+def test_second_backward_needs_retain_graph():
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 8, 8, g).requires_grad_()
+    out = gssm(x, p).square().sum()
+    out.backward(retain_graph=True)
+    first = x.grad.clone()
+    out.backward()  # the graph was kept: a second backward works and doubles the gradient
+    torch.testing.assert_close(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.backward()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -207,9 +230,4 @@ def test_cuda_matches_composition(variant, directions):
 @needs_cuda
 def test_cuda_opcheck():
     x, params, init, options = raw_args("full", "bi", states=True)
-    x, params = x.cuda(), [t.cuda() for t in params]
-    init = [None if s is None else s.cuda() for s in init]
-    torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, True))
-    out, saved = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
-    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd.default,
-                          (torch.randn_like(out), x, params, init, saved, *options))
+    opcheck_all(x.cuda(), [t.cuda() for t in params], [None if s is None else s.cuda() for s in init], options)

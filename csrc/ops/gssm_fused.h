@@ -26,9 +26,12 @@ enum Param : int {
 };
 enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 
-// What the forward saves for the backward, in this order (an empty tensor where the variant has none: kLow
-// only with the fusion layer), then kSavedPerDirection per scan direction. No two alias each other.
-enum Saved : int { kXz, kLow, kRelu, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kX2, kY, kNumSaved };
+// What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
+// `front` for the stages before the scan (kLow only with the fusion layer), `scan` for the scans and
+// out_proj (kScanSaved, then kSavedPerDirection per direction). No two alias each other. The backward runs
+// in two ops, scan part first, so that the caller can drop `scan` before the front part runs.
+enum FrontSaved : int { kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kNumFront };
+enum ScanSaved : int { kX2, kY, kScanSaved };
 enum SavedPerDirection : int { kXdbl, kCheckpoints, kSavedPerDirection };
 
 // Sizes and options of one call, checked against the parameter list.
@@ -46,15 +49,33 @@ struct Layout {
   int out_proj_index() const { return kNumShared + kPerDirection * static_cast<int>(ndir); }
 };
 
-Layout describe(const at::Tensor& x, at::TensorList params, int64_t ndir, int64_t H, int64_t W,
-                c10::string_view variant, c10::string_view mask, bool single_dt_bias);
+// B: batch; dt: the compute dtype; the direction count follows from the parameter list's length.
+Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::TensorList params, int64_t H,
+                int64_t W, c10::string_view variant, c10::string_view mask, bool single_dt_bias);
+
+// x must be (B, H, W, C) for the Layout.
+void check_tokens(const at::Tensor& x, const Layout& s, const char* name);
+
+// t in dtype, without a dispatcher round trip when it already is (Tensor::to always makes one: ~120 per
+// forward + backward here, each costing host time on a launch-bound GPU call).
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// A (rows, cols) matrix whose rows start 16-byte aligned (row stride rounded up to 4 elements): cuBLAS
+// picks its slow unaligned kernels for operands with an odd leading dimension (run 11: the x_proj output,
+// R + 2N = 22 columns at C = 96, sent six GEMMs to cutlass "align1" SIMT kernels, ~0.5 ms per forward +
+// backward). The padding columns are never read.
+inline at::Tensor aligned_rows(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  return at::empty({rows, (cols + 3) / 4 * 4}, options).narrow(1, 0, cols);
+}
 
 // Parameters as the computation uses them.
 struct Weights {
   at::TensorList p;
   const Layout& s;
-  at::Tensor operator()(int i) const { return p[i].to(s.dt); }         // GEMM operands: compute dtype
-  at::Tensor acc(int i) const { return p[i].to(s.acc).contiguous(); }  // kernel weights: accumulation dtype
+  at::Tensor operator()(int i) const { return as_dtype(p[i], s.dt); }         // GEMM operands: compute dtype
+  at::Tensor acc(int i) const { return as_dtype(p[i], s.acc).contiguous(); }  // kernel weights: accumulation
 };
 
 // low = irfft2(M rfft2(x)) per channel of x (B, L, d) in x's dtype (transforms in the accumulation dtype);
@@ -103,5 +124,9 @@ std::vector<at::Tensor> call_scan_bwd(const at::Tensor& dout, const at::Tensor& 
 
 // Placeholder for an absent tensor in a Tensor[] (the Python side maps it to None).
 inline at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// Gradients [first, last) in their parameters' shapes and dtypes, `absent` where undefined.
+std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::TensorList params, size_t first,
+                                     size_t last, const at::Tensor& like);
 
 }  // namespace gmamba::fused

@@ -6,49 +6,62 @@
 
 namespace gmamba::fused {
 
-Layout describe(const at::Tensor& x, at::TensorList params, int64_t ndir, int64_t H, int64_t W,
-                c10::string_view variant, c10::string_view mask, bool single_dt_bias) {
+Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::TensorList params, int64_t H,
+                int64_t W, c10::string_view variant, c10::string_view mask, bool single_dt_bias) {
   const std::string v(variant.data(), variant.size()), m(mask.data(), mask.size());
   TORCH_CHECK_VALUE(v == "full" || v == "ssm" || v == "fem_ssm" || v == "dft_fgmm_ssm",
                     "gssm: variant must be 'full', 'ssm', 'fem_ssm' or 'dft_fgmm_ssm', got '", v, "'");
   TORCH_CHECK_VALUE(m == "corner" || m == "symmetric", "gssm: mask must be 'corner' or 'symmetric', got '", m, "'");
-  TORCH_CHECK_VALUE(ndir == 1 || ndir == 2 || ndir == 4, "gssm: 1, 2 or 4 scan directions, got ", ndir);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == kNumShared + kPerDirection * ndir + 1, "gssm: expected ",
-                    kNumShared + kPerDirection * ndir + 1, " parameters for ", ndir, " direction(s), got ",
-                    params.size());
-  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == H && x.size(2) == W, "gssm: x must be (B, H, W, C) with H = ", H,
-                    ", W = ", W, ", got shape ", x.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "gssm: x must be floating point, got ", x.scalar_type());
+  const int64_t shared = kNumShared + 1, per = kPerDirection;  // + 1: out_proj.weight
+  const int64_t extra = static_cast<int64_t>(params.size()) - shared, ndir = extra / per;
+  TORCH_CHECK_VALUE(extra >= 0 && extra % per == 0 && (ndir == 1 || ndir == 2 || ndir == 4), "gssm: expected ",
+                    shared + per, ", ", shared + 2 * per, " or ", shared + 4 * per,
+                    " parameters (1, 2 or 4 scan directions), got ", params.size());
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1, "gssm: H and W must be positive, got ", H, " x ", W);
+  TORCH_CHECK_TYPE(at::isFloatingType(dt), "gssm: x must be floating point, got ", dt);
+  for (const at::Tensor& t : params)
+    TORCH_CHECK_VALUE(t.device() == device, "gssm: a parameter is on ", t.device(), " but x is on ", device);
   Layout s{};
-  s.B = x.size(0), s.H = H, s.W = W, s.L = H * W, s.C = x.size(3);
+  s.B = B, s.H = H, s.W = W, s.L = H * W, s.C = params[kInProj].size(-1);
+  s.ndir = ndir;
   s.d = params[kConvXW].size(0);
   s.E4 = params[kGate0W].size(0);
   s.d4 = params[kFconv0W].size(0);
   s.R = params[s.scan_index(0, kDtW)].size(1);
   s.N = params[s.scan_index(0, kALog)].size(1);
   s.K = params[kConvXW].size(-1);
-  s.ndir = ndir;
   s.fem = v != "ssm";
   s.fusion = v == "full" || v == "fem_ssm";
   s.fgmm = v == "full" || v == "dft_fgmm_ssm";
   s.has_low = H / 4 > 0 && (W / 2 + 1) / 4 > 0;
   s.corner = m == "corner";
   s.single_dt_bias = single_dt_bias;
-  s.dt = x.scalar_type();
-  s.acc = s.dt == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d &&
-                        params[kInProj].size(1) == s.C,
-                    "gssm: in_proj.weight must be (2d, C) = (", 2 * s.d, ", ", s.C, "), got ", params[kInProj].sizes());
-  for (const at::Tensor& t : params)
-    TORCH_CHECK_VALUE(t.device() == x.device(), "gssm: a parameter is on ", t.device(), " but x is on ", x.device());
+  s.dt = dt;
+  s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,
+                    "gssm: in_proj.weight must be (2d, C) with d = ", s.d, ", got ", params[kInProj].sizes());
   return s;
+}
+
+void check_tokens(const at::Tensor& x, const Layout& s, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(0) == s.B && x.size(1) == s.H && x.size(2) == s.W && x.size(3) == s.C,
+                    "gssm: ", name, " must be (B, H, W, C) = (", s.B, ", ", s.H, ", ", s.W, ", ", s.C,
+                    ") (C from in_proj.weight), got shape ", x.sizes());
+}
+
+std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::TensorList params, size_t first,
+                                     size_t last, const at::Tensor& like) {
+  std::vector<at::Tensor> out;
+  for (size_t i = first; i < last; ++i)
+    out.push_back(g[i].defined() ? as_dtype(g[i].reshape(params[i].sizes()), params[i].scalar_type()) : absent(like));
+  return out;
 }
 
 at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
   if (!s.has_low) return {};
   if (s.B == 0) return at::zeros_like(x);  // pocketfft / MKL reject empty batches
   const int64_t n = s.H / 4, ncol = (s.W / 2 + 1) / 4;
-  const at::Tensor xf = x.reshape({s.B, s.H, s.W, s.d}).to(s.acc);
+  const at::Tensor xf = as_dtype(x.reshape({s.B, s.H, s.W, s.d}), s.acc);
   // Pruned: only the ncol low columns go through the FFT along H.
   const at::Tensor X = at::fft_fft(at::fft_rfft(xf, std::nullopt, 2).narrow(2, 0, ncol), std::nullopt, 1);
   at::Tensor Y;
@@ -60,7 +73,7 @@ at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
     if (n / 2 > 0) rows.narrow(0, s.H - n / 2, n / 2).fill_(1);
     Y = at::fft_ifft(X * rows, std::nullopt, 1);
   }
-  return at::fft_irfft(Y, s.W, 2).reshape({s.B, s.L, s.d}).to(s.dt).contiguous();
+  return as_dtype(at::fft_irfft(Y, s.W, 2).reshape({s.B, s.L, s.d}), s.dt).contiguous();
 }
 
 at::Tensor to_direction(const at::Tensor& u, int64_t k, const Layout& s) {
@@ -95,7 +108,7 @@ Fusion fusion_weights(const Weights& w) {
 std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w) {
   const at::Tensor weight = at::cat({w.p[kConvXW], w.p[kConvZW]}).reshape({2 * w.s.d, w.s.K});
   const at::Tensor bias = at::cat({w.p[kConvXB], w.p[kConvZB]});
-  return {weight.to(w.s.acc).contiguous(), bias.to(w.s.acc).contiguous()};
+  return {as_dtype(weight, w.s.acc).contiguous(), as_dtype(bias, w.s.acc).contiguous()};
 }
 
 std::vector<at::Tensor> fgmm_weights(const Weights& w) {
@@ -114,12 +127,12 @@ ScanOperands scan_operands(const Weights& w, int64_t k, const at::Tensor& xdbl,
   o.delta = (s.single_dt_bias ? at::mm(o.dt_in, dt_w) : at::addmm(w(s.scan_index(k, kDtB)), o.dt_in, dt_w))
                 .view({s.B, s.L, s.d});
   o.A = w.acc(s.scan_index(k, kALog)).exp().neg_();
-  o.B = xdbl.narrow(1, s.R, s.N).to(s.acc).contiguous().view({s.B, s.L, s.N});
-  o.C = xdbl.narrow(1, s.R + s.N, s.N).to(s.acc).contiguous().view({s.B, s.L, s.N});
+  o.B = as_dtype(xdbl.narrow(1, s.R, s.N), s.acc).contiguous().view({s.B, s.L, s.N});
+  o.C = as_dtype(xdbl.narrow(1, s.R + s.N, s.N), s.acc).contiguous().view({s.B, s.L, s.N});
   o.D = w.acc(s.scan_index(k, kD));
   o.bias = w.acc(s.scan_index(k, kDtB));
   const std::optional<at::Tensor> state = states.get(k);
-  if (state.has_value()) o.initial_state = state->to(s.acc).contiguous();
+  if (state.has_value()) o.initial_state = as_dtype(*state, s.acc).contiguous();
   return o;
 }
 

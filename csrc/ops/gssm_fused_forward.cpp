@@ -9,7 +9,7 @@ namespace gmamba::fused {
 namespace {
 
 struct Frequency {  // FEM and FGMM outputs, and what the backward keeps of them
-  at::Tensor x2, low, relu, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g;
+  at::Tensor x2, low, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g;
 };
 
 Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
@@ -25,8 +25,8 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
     const Fusion fw = fusion_weights(w);
     at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
     if (f.low.defined()) pre.addmm_(f.low.view({BL, d}), fw.Pl.t());
-    f.relu = pre.relu_();
-    f.Fm = at::addmm(w(kFuse2B), f.relu, w(kFuse2W).t()).view({s.B, s.L, d});
+    // relu(pre) is not kept: the backward recomputes it (two GEMMs) rather than hold 2 B L d values.
+    f.Fm = at::addmm(w(kFuse2B), pre.relu_(), w(kFuse2W).t()).view({s.B, s.L, d});
   } else {
     f.Fm = f.low.defined() ? f.low : at::zeros_like(x1);
   }
@@ -44,14 +44,17 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
   return f;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_forward(const at::Tensor& x, at::TensorList params,
-                                                             const c10::List<std::optional<at::Tensor>>& states,
-                                                             int64_t H, int64_t W, c10::string_view variant,
-                                                             c10::string_view mask, bool single_dt_bias, bool save) {
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_forward(
+    const at::Tensor& x, at::TensorList params, const c10::List<std::optional<at::Tensor>>& states, int64_t H,
+    int64_t W, c10::string_view variant, c10::string_view mask, bool single_dt_bias, bool save) {
   // Every dtype here is chosen explicitly (the Python wrapper resolves autocast before the call).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;  // the inner ops' autograd kernels are Python: skip them
-  const Layout s = describe(x, params, states.size(), H, W, variant, mask, single_dt_bias);
+  TORCH_CHECK_VALUE(x.dim() == 4, "gssm: x must be (B, H, W, C), got shape ", x.sizes());
+  const Layout s = describe(x.size(0), x.scalar_type(), x.device(), params, H, W, variant, mask, single_dt_bias);
+  check_tokens(x, s, "x");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == s.ndir, "gssm: expected ", s.ndir,
+                    " initial states (one per scan direction, None allowed), got ", states.size());
   const Weights w{params, s};
   const int64_t BL = s.B * s.L, d = s.d;
 
@@ -68,7 +71,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_forward(const at::Tensor& x
   std::vector<at::Tensor> per_direction;
   for (int64_t k = 0; k < s.ndir; ++k) {
     const at::Tensor u = to_direction(f.x2, k, s);
-    const at::Tensor xdbl = at::mm(u.view({BL, d}), w(s.scan_index(k, kXProj)).t());
+    at::Tensor xdbl = aligned_rows(BL, s.R + 2 * s.N, u.options());
+    at::mm_out(xdbl, u.view({BL, d}), w(s.scan_index(k, kXProj)).t());
     const ScanOperands o = scan_operands(w, k, xdbl, states);
     const auto [out_k, last_state, checkpoints] = call_scan_fwd(u, o);
     const at::Tensor yk = from_direction(out_k, k, s);
@@ -85,15 +89,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_forward(const at::Tensor& x
   out.addmm_(z1.view({BL, d}), w_out.narrow(1, d, d).t());
   out = out.view({s.B, s.L, s.C});
 
-  std::vector<at::Tensor> saved;
-  if (!save) return {out, saved};
-  const auto keep = [&](const at::Tensor& t) { saved.push_back(t.defined() ? t : absent(x)); };
+  std::vector<at::Tensor> front, scan;
+  if (!save) return {out, front, scan};
+  const auto keep = [&](std::vector<at::Tensor>& list, const at::Tensor& t) {
+    list.push_back(t.defined() ? t : absent(x));
+  };
   // low only where the backward reads it (the fusion layer); in dft_fgmm_ssm it is Fm itself.
-  for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.relu, f.Fm, f.hid, f.gate_logit, f.fc, f.pool_s, f.mix_a, f.gate_g,
-                              f.x2, y})
-    keep(t);
-  for (const at::Tensor& t : per_direction) keep(t);
-  return {out, saved};
+  for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.Fm, f.hid, f.gate_logit, f.fc, f.pool_s,
+                              f.mix_a, f.gate_g})
+    keep(front, t);
+  for (const at::Tensor& t : {f.x2, y}) keep(scan, t);
+  for (const at::Tensor& t : per_direction) keep(scan, t);
+  return {out, front, scan};
 }
 
 }  // namespace

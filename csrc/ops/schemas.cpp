@@ -30,12 +30,17 @@ TORCH_LIBRARY(gmamba_ext, m) {
 
   // The whole mixer (csrc/ops/gssm_fused.h): x (B, H, W, C) in the compute dtype; params in the order of
   // gssm_reference.expected_shapes; one initial state (or None) per scan direction. gssm_fwd returns the
-  // output (B, L, C) and, with save, what gssm_bwd needs. gssm_bwd returns dx, one gradient per parameter
-  // and per initial state (an empty 1-D tensor where there is none).
+  // output (B, L, C) and, with save, the two lists of tensors the backward needs (front, scan). The backward
+  // is gssm_bwd_scan (-> dx2, the gradients of the parameters from the first scan direction's on, of the
+  // initial states) then gssm_bwd_front (-> dx, the gradients of the parameters before those); an empty 1-D
+  // tensor marks an absent gradient (a parameter the variant does not use, an initial state not given).
   m.def(
       "gssm_fwd(Tensor x, Tensor[] params, Tensor?[] initial_states, int H, int W, str variant, str mask, "
-      "bool single_dt_bias, bool save) -> (Tensor, Tensor[])");
+      "bool single_dt_bias, bool save) -> (Tensor, Tensor[], Tensor[])");
   m.def(
-      "gssm_bwd(Tensor dout, Tensor x, Tensor[] params, Tensor?[] initial_states, Tensor[] saved, int H, int W, "
-      "str variant, str mask, bool single_dt_bias) -> (Tensor, Tensor[], Tensor[])");
+      "gssm_bwd_scan(Tensor dout, Tensor xz, Tensor[] params, Tensor?[] initial_states, Tensor[] saved, int H, "
+      "int W, str variant, str mask, bool single_dt_bias) -> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "gssm_bwd_front(Tensor dout, Tensor dx2, Tensor x, Tensor[] params, Tensor[] saved, int H, int W, "
+      "str variant, str mask, bool single_dt_bias) -> (Tensor, Tensor[])");
 }
