@@ -27,10 +27,13 @@ enum Param : int {
 enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 
 // What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
-// `front` for the stages before the scan (kLow only with the fusion layer), `scan` for the scans and
+// `front` for the stages before the scan (kLow and the folded weights kPx, kPl, kC0 only with the fusion
+// layer; kRelu, relu(pre), only with it on the CPU: see Layout::keep_relu), `scan` for the scans and
 // out_proj (kScanSaved, then kSavedPerDirection per direction). No two alias each other. The backward runs
 // in two ops, scan part first, so that the caller can drop `scan` before the front part runs.
-enum FrontSaved : int { kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kNumFront };
+enum FrontSaved : int {
+  kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kNumFront
+};
 enum ScanSaved : int { kX2, kY, kScanSaved };
 enum SavedPerDirection : int { kXdbl, kCheckpoints, kSavedPerDirection };
 
@@ -43,6 +46,10 @@ struct Layout {
   bool has_low;   // the low-pass mask keeps something (H >= 4 and W // 2 + 1 >= 4)
   bool corner;    // mask "corner" (else "symmetric")
   bool single_dt_bias;
+  // Keep relu(pre) from the forward rather than recompute it (two GEMMs) in the backward: on the CPU, where
+  // the GEMMs are most of the time (about 10 % of a forward + backward at C = 768) and no memory target
+  // applies; CUDA recomputes it (2 B L d values less at the peak: the <= 0.5x memory target).
+  bool keep_relu;
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 
   int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }

@@ -9,7 +9,8 @@ namespace gmamba::fused {
 namespace {
 
 struct Frequency {  // FEM and FGMM outputs, and what the backward keeps of them
-  at::Tensor x2, low, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g;
+  at::Tensor x2, low, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g, relu;
+  Fusion folded;  // the fusion layer's folded weights (small: (2d, d) and (2d,))
 };
 
 Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
@@ -22,11 +23,12 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
   }
   f.low = fem_low(x1, s);
   if (s.fusion) {
-    const Fusion fw = fusion_weights(w);
+    f.folded = fusion_weights(w);
+    const Fusion& fw = f.folded;
     at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
     if (f.low.defined()) pre.addmm_(f.low.view({BL, d}), fw.Pl.t());
-    // relu(pre) is not kept: the backward recomputes it (two GEMMs) rather than hold 2 B L d values.
     f.Fm = at::addmm(w(kFuse2B), pre.relu_(), w(kFuse2W).t()).view({s.B, s.L, d});
+    if (s.keep_relu) f.relu = pre;
   } else {
     f.Fm = f.low.defined() ? f.low : at::zeros_like(x1);
   }
@@ -96,7 +98,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
   };
   // low only where the backward reads it (the fusion layer); in dft_fgmm_ssm it is Fm itself.
   for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.Fm, f.hid, f.gate_logit, f.fc, f.pool_s,
-                              f.mix_a, f.gate_g})
+                              f.mix_a, f.gate_g, f.relu, f.folded.Px, f.folded.Pl, f.folded.c0})
     keep(front, t);
   for (const at::Tensor& t : {f.x2, y}) keep(scan, t);
   for (const at::Tensor& t : per_direction) keep(scan, t);
