@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .gssm_ops import conv_silu, fgmm
-from .gssm_reference import GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, fem_low_mask
+from .gssm_reference import (GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, _validate,
+                              fem_low_mask)
 from .gssm_fused import gssm_fused
 from .ops import _has_kernel, selective_scan_channels_last
 from .reference import accumulation_dtype
@@ -48,11 +49,20 @@ def _config_from_shapes(get, options: dict) -> GSSMConfig:
             got = tuple(t.shape) if isinstance(t, Tensor) else ("missing" if t is None else type(t).__name__)
             raise ValueError(f"params: '{key}' must be a {n}-D tensor (the release's shapes), got {got}")
     E, C = get("in_proj.weight").shape
-    expand = E / C
-    if int(expand * C) != E:  # float rounding below E: step up by one ulp
-        expand = math.nextafter(expand, math.inf)
-    return GSSMConfig(d_model=C, expand=expand, d_state=get("A_log").shape[1],
-                      d_conv=get("conv1d_x.weight").shape[-1], dt_rank=get("dt_proj.weight").shape[1], **options)
+    sizes = (E, C, get("A_log").shape[1], get("conv1d_x.weight").shape[-1], get("dt_proj.weight").shape[1])
+    key = sizes + tuple(options.values())
+    config = _CONFIGS.get(key)
+    if config is None:  # GSSMConfig's own checks run once per distinct configuration, not per call
+        expand = E / C
+        if int(expand * C) != E:  # float rounding below E: step up by one ulp
+            expand = math.nextafter(expand, math.inf)
+        config = GSSMConfig(d_model=C, expand=expand, d_state=sizes[2], d_conv=sizes[3], dt_rank=sizes[4], **options)
+        if not torch.compiler.is_compiling():
+            _CONFIGS[key] = config
+    return config
+
+
+_CONFIGS: dict = {}
 
 
 def config_for(params: GSSMParams, variant: str = "full", mask: str = "corner", directions: str = "uni",
@@ -60,8 +70,12 @@ def config_for(params: GSSMParams, variant: str = "full", mask: str = "corner", 
     """The GSSMConfig that `params` were made for (sizes read from the tensors' shapes), with the given
     options; ValueError naming the keys if the tensors do not fit it."""
     options = dict(variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias)
-    config = _config_from_shapes(lambda key: params[key], options)
-    params.check(config)
+    return _checked_config(params.to_state_dict(), options)
+
+
+def _checked_config(sd: Mapping[str, Tensor], options: dict) -> GSSMConfig:
+    config = _config_from_shapes(sd.get, options)
+    _validate(sd, config, "params")
     return config
 
 
@@ -78,8 +92,8 @@ def as_params(params, options: dict) -> GSSMParams:
     raise ValueError(f"params must be a GSSMParams, a GSSM module or a state_dict, got {type(params).__name__}")
 
 
-def _check_devices(params: GSSMParams, device: torch.device) -> None:
-    for key, t in params.to_state_dict().items():
+def _check_devices(sd: Mapping[str, Tensor], device: torch.device) -> None:
+    for key, t in sd.items():
         if t.device != device:
             raise ValueError(f"gssm: parameter '{key}' is on {t.device} but x is on {device}; move the "
                              f"parameters to x's device")
@@ -179,10 +193,11 @@ def gssm_composition(x: Tensor, params, *, variant: str = "full", mask: str = "c
 def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_bias, layout, fused: bool) -> Tensor:
     options = dict(variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias)
     params = as_params(params, options)
-    config = config_for(params, **options)
+    sd = params.to_state_dict()  # once: validation and the device check both read it (host time per call)
+    config = _checked_config(sd, options)
     if not isinstance(x, Tensor):
         raise ValueError(f"gssm: x must be a tensor, got {type(x).__name__}")
-    _check_devices(params, x.device)
+    _check_devices(sd, x.device)
     states = _initial_states(initial_state, config.n_directions)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):

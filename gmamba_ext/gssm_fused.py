@@ -22,6 +22,12 @@ def _param_keys(n_directions: int) -> Tuple[str, ...]:
     return tuple(expected_shapes(GSSMConfig(d_model=8, directions=directions)))
 
 
+@lru_cache(maxsize=None)
+def _param_fields(n_directions: int) -> Tuple[str, ...]:
+    """GSSMParams field names in _param_keys' order (getattr without a key -> field translation per call)."""
+    return tuple(key.replace(".", "_") for key in _param_keys(n_directions))
+
+
 def _absent_to_none(grads) -> List[Optional[Tensor]]:
     # The ops mark an absent gradient with an empty 1-D tensor; no parameter or state is empty.
     return [None if g.numel() == 0 and g.dim() == 1 else g for g in grads]
@@ -63,7 +69,7 @@ class _GSSMFunction(torch.autograd.Function):
 def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:
     """out (B, L, C) of the mixer on h (B, H, W, C) in h's dtype (autocast already resolved by the caller)."""
     B, H, W, C = h.shape
-    tensors = [params[key] for key in _param_keys(config.n_directions)]
+    tensors = [getattr(params, name) for name in _param_fields(config.n_directions)]
     options = (H, W, config.variant, config.mask, config.single_dt_bias)
     grad = torch.is_grad_enabled() and (h.requires_grad or any(t.requires_grad for t in tensors)
                                         or any(s is not None and s.requires_grad for s in states))
