@@ -191,8 +191,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
   const at::Tensor xz = saved[kXz];
   const auto [conv_w, conv_b] = conv_weights(w);
 
-  // 3-6. FGMM, gate, FEM (x1 recomputed)
-  at::Tensor dx1 = frequency_backward(w, saved, std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b)), dx2, g);
+  // 3-6. FGMM, gate, FEM (x1 recomputed; z1 dropped here, not kept alive by the call's temporaries)
+  at::Tensor x1 = std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b));
+  at::Tensor dx1 = frequency_backward(w, saved, x1, dx2, g);
+  x1.reset();
 
   // 1-2. conv + SiLU (dz1 = dout Wz, from out = y Wy^T + z1 Wz^T), in_proj
   const at::Tensor go = as_dtype(dout.reshape({BL, s.C}), s.dt);
