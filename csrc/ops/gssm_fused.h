@@ -1,12 +1,14 @@
 #pragma once
-// The whole GSSM mixer as two composite ops, gssm_fwd and gssm_bwd: the forward and a hand-written backward
-// orchestrated in C++ over ATen's GEMMs and FFTs and the package's ops (conv_silu, fgmm, selective_scan).
-// Why: on a GPU at DESIGN's sizes the Python composition is host-bound (profile_gssm, runs 8-10: ~80 ops per
-// forward and ~265 per forward + backward at 20-40 us of Python, autograd and dispatch each, against
-// 0.55 ms of device work at C = 768). Here each op costs only the dispatcher and the launch, the autograd
-// graph is one node, and the backward saves what it needs and recomputes the cheap rest (x1, z1, delta).
-// The algebra is gmamba_ext/gssm.py's (folded fusion layer, pruned FFT low-pass, one GEMM for the gate's
-// and FGMM's first layers); that Python composition stays as the torch.compile path.
+// The whole GSSM mixer as composite ops: gssm_fwd, and the backward written by hand as gssm_bwd_scan then
+// gssm_bwd_front, orchestrated in C++ over ATen's GEMMs and FFTs and the package's ops (conv_silu, fgmm,
+// selective_scan). Why: on a GPU at DESIGN's sizes the Python composition was host-bound (profile_gssm,
+// runs 8-10: ~80 ops per forward and ~265 per forward + backward at 20-40 us of Python, autograd and
+// dispatch each, against 0.55 ms of device work at C = 768). From C++ the autograd graph is one node and
+// each op costs the dispatcher and the launch (still ~20 us per ATen CUDA op on the H200's host, runs
+// 11-13: the calls stay host-bound, 1.2x-2x faster). The backward frees what it has consumed and
+// recomputes the cheap rest (x1, z1, delta, on CUDA relu(pre)). The algebra is gmamba_ext/gssm.py's
+// (folded fusion layer, pruned FFT low-pass, one GEMM for the gate's and FGMM's first layers); that Python
+// composition stays as the torch.compile / functorch path.
 #include <ATen/ATen.h>
 
 #include <optional>
@@ -94,11 +96,6 @@ at::Tensor fem_low(const at::Tensor& x, const Layout& s);
 at::Tensor to_direction(const at::Tensor& u, int64_t k, const Layout& s);
 at::Tensor from_direction(const at::Tensor& u, int64_t k, const Layout& s);
 
-// The folded fusion layer: [x1, lf, hf] W_f1^T + b_f1 = x1 Px^T + low Pl^T + c0 (gssm.py's docstring).
-struct Fusion {
-  at::Tensor Px, Pl, c0;
-};
-Fusion fusion_weights(const Weights& w);
 
 // The conv weights of both halves as conv_silu takes them: (2d, K) and (2d,) in the accumulation dtype.
 std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w);

@@ -93,19 +93,6 @@ at::Tensor from_direction(const at::Tensor& u, int64_t k, const Layout& s) {
   return v.reshape({s.B, s.W, s.H, ch}).transpose(1, 2).reshape({s.B, s.L, ch});
 }
 
-Fusion fusion_weights(const Weights& w) {
-  const int64_t d = w.s.d;
-  const at::Tensor W1 = w(kFuse0W);
-  const at::Tensor W1a = W1.narrow(1, 0, d), W1b = W1.narrow(1, d, d), W1c = W1.narrow(1, 2 * d, d);
-  const at::Tensor sl = at::sigmoid(w(kLowW)), sh = at::sigmoid(w(kHighW));
-  const at::Tensor hp = sh * at::mm(W1c, w(kHighProjW));
-  Fusion f;
-  f.Px = W1a + hp;
-  f.Pl = sl * at::mm(W1b, w(kLowProjW)) - hp;
-  f.c0 = w(kFuse0B) + sl * at::mv(W1b, w(kLowProjB)) + sh * at::mv(W1c, w(kHighProjB));
-  return f;
-}
-
 std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w) {
   const at::Tensor weight = at::cat({w.p[kConvXW], w.p[kConvZW]}).reshape({2 * w.s.d, w.s.K});
   const at::Tensor bias = at::cat({w.p[kConvXB], w.p[kConvZB]});

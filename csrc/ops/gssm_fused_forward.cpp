@@ -8,6 +8,25 @@
 namespace gmamba::fused {
 namespace {
 
+// The folded fusion layer: [x1, lf, hf] W_f1^T + b_f1 = x1 Px^T + low Pl^T + c0 (gssm.py's docstring). The
+// forward saves Px, Pl, c0 for the backward.
+struct Fusion {
+  at::Tensor Px, Pl, c0;
+};
+
+Fusion fusion_weights(const Weights& w) {
+  const int64_t d = w.s.d;
+  const at::Tensor W1 = w(kFuse0W);
+  const at::Tensor W1a = W1.narrow(1, 0, d), W1b = W1.narrow(1, d, d), W1c = W1.narrow(1, 2 * d, d);
+  const at::Tensor sl = at::sigmoid(w(kLowW)), sh = at::sigmoid(w(kHighW));
+  const at::Tensor hp = sh * at::mm(W1c, w(kHighProjW));
+  Fusion f;
+  f.Px = W1a + hp;
+  f.Pl = sl * at::mm(W1b, w(kLowProjW)) - hp;
+  f.c0 = w(kFuse0B) + sl * at::mv(W1b, w(kLowProjB)) + sh * at::mv(W1c, w(kHighProjB));
+  return f;
+}
+
 struct Frequency {  // FEM and FGMM outputs, and what the backward keeps of them
   at::Tensor x2, low, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g, relu;
   Fusion folded;  // the fusion layer's folded weights (small: (2d, d) and (2d,))
