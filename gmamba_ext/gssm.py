@@ -50,7 +50,7 @@ def _config_from_shapes(get, options: dict) -> GSSMConfig:
             raise ValueError(f"params: '{key}' must be a {n}-D tensor (the release's shapes), got {got}")
     E, C = get("in_proj.weight").shape
     sizes = (E, C, get("A_log").shape[1], get("conv1d_x.weight").shape[-1], get("dt_proj.weight").shape[1])
-    key = sizes + tuple(options.values())
+    key = sizes + tuple((type(v), v) for v in options.values())  # types too: 1 == True must not pass as a bool
     config = _CONFIGS.get(key)
     if config is None:  # GSSMConfig's own checks run once per distinct configuration, not per call
         expand = E / C

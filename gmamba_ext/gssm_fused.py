@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gssm_reference import GSSMConfig, GSSMParams, expected_shapes
+from .gssm_reference import GSSMConfig, GSSMParams, _field, expected_shapes
 
 __all__ = ["gssm_fused"]
 
@@ -26,7 +26,7 @@ def _param_keys(n_directions: int) -> Tuple[str, ...]:
 @lru_cache(maxsize=None)
 def _param_fields(n_directions: int) -> Tuple[str, ...]:
     """GSSMParams field names in _param_keys' order (getattr without a key -> field translation per call)."""
-    return tuple(key.replace(".", "_") for key in _param_keys(n_directions))
+    return tuple(_field(key) for key in _param_keys(n_directions))
 
 
 def _absent_to_none(grads) -> List[Optional[Tensor]]:

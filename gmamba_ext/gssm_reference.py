@@ -344,7 +344,6 @@ class GSSMParams:
         return cls(**{_field(k): v for k, v in out.items()})
 
 
-_FIELD_TO_KEY: Dict[str, str] = {}
 _FIELDS_AND_KEYS: List[Tuple[str, str]] = []
 
 
@@ -352,15 +351,9 @@ def _fields_and_keys() -> List[Tuple[str, str]]:
     """(field name, state_dict key) of every GSSMParams field, computed once (dataclasses.fields per call cost
     ~10 us of every gssm call's host time)."""
     if not _FIELDS_AND_KEYS:
-        _FIELDS_AND_KEYS.extend((f.name, _key_of_field(f.name)) for f in dataclasses.fields(GSSMParams))
+        keys = {_field(k): k for k in expected_shapes(GSSMConfig(d_model=16, directions="four"))}
+        _FIELDS_AND_KEYS.extend((f.name, keys[f.name]) for f in dataclasses.fields(GSSMParams))
     return _FIELDS_AND_KEYS
-
-
-def _key_of_field(name: str) -> str:
-    if not _FIELD_TO_KEY:
-        full = expected_shapes(GSSMConfig(d_model=16, directions="four"))
-        _FIELD_TO_KEY.update({_field(k): k for k in full})
-    return _FIELD_TO_KEY[name]
 
 
 def _detect_prefix(keys: List[str]) -> str:

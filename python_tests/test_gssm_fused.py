@@ -151,6 +151,16 @@ def test_functorch_vmap_uses_the_composition():
     torch.testing.assert_close(batched, torch.cat([gssm(x[None], p) for x in xs]), rtol=1e-12, atol=1e-12)
 
 
+def test_config_cache_keeps_option_checks():
+    """gssm caches its configs per size and option tuple: an option of the wrong type must still be refused
+    after a call with an equal value of the right type (1 == True)."""
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 8, 8, g)
+    gssm(x, p, single_dt_bias=True)
+    with pytest.raises(ValueError, match="single_dt_bias must be a bool"):
+        gssm(x, p, single_dt_bias=1)
+
+
 def test_double_backward_is_refused():
     cfg, p, g = make(16, d_state=4)
     x = inputs(cfg, 1, 8, 8, g).requires_grad_()
