@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 cd /tmp
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout ${T_NCU:-150} "$NCU" --clock-control none --target-processes all \
-  -k 'regex:chunk|chain|selective_scan' --launch-count 16 \
+  -k 'regex:chunk|chain|rows_forward|selective_scan' --launch-count 16 \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
   --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   python3 "$REPO/benchmarks/profile_scan.py" "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" \

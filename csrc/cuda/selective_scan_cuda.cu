@@ -16,6 +16,7 @@
 
 #include "gmamba/scan_chunk.h"
 #include "ops/scan_ops.h"
+#include "scan_warp_forward.cuh"
 
 namespace gmamba {
 namespace {
@@ -275,10 +276,44 @@ using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 
 int64_t tiles_of(const ScanShape& s) { return (s.dim_per_group + kWarp - 1) / kWarp; }
 
+// Channels-first forward: one warp per (batch, channel) row (scan_warp_forward.cuh); with few rows, the
+// rows are cut into segments chained by chain_chunks.
+template <typename in_t, typename acc_t>
+void forward_rows(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const at::Tensor& checkpoints,
+                  cudaStream_t stream) {
+  using namespace warp_scan;
+  const SegmentPlan plan = plan_segments(s, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  Segments<acc_t> seg{plan.count, plan.len, nullptr, nullptr};
+  at::Tensor seg_state, dt_sum;
+  const dim3 grid(static_cast<unsigned>((s.batch * s.dim + kRowsPerBlock - 1) / kRowsPerBlock),
+                  static_cast<unsigned>(plan.count));
+  const size_t smem = kRowsPerBlock * s.dstate * sizeof(acc_t);
+  if (plan.count > 1) {
+    seg_state = at::empty({s.batch, plan.count, s.dstate, s.dim}, checkpoints.options());
+    dt_sum = at::empty({s.batch, plan.count, s.dim}, checkpoints.options());
+    seg.state = seg_state.data_ptr<acc_t>();
+    seg.dt_sum = dt_sum.data_ptr<acc_t>();
+    rows_forward<true><<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ScanShape by_segment = s;  // chain_chunks over segments instead of chunks
+    by_segment.nchunks = plan.count;
+    launch_chain<false>(by_segment, args.A, seg.dt_sum, seg.state, args.last_state, stream);
+  }
+  rows_forward<false><<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& out, const at::Tensor& checkpoints,
                   const at::Tensor& last_state) {
   const c10::cuda::CUDAGuard guard(in.u.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (!s.channels_last) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_fwd_rows", [&] {
+      using acc_t = acc_of<scalar_t>;
+      forward_rows(make_fwd_args<scalar_t, acc_t>(in, s, out, checkpoints, last_state), s, checkpoints, stream);
+    });
+    return;
+  }
   const int64_t tiles = tiles_of(s);
   at::Tensor dt_sum = at::empty({s.batch, s.nchunks, s.dim}, checkpoints.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_fwd_cuda", [&] {

@@ -1,0 +1,243 @@
+#pragma once
+// Forward selective scan for channels-first (B, d, L) inputs: one warp per (batch, channel) row, lanes
+// along L with kItems consecutive steps each, so every load of u, delta, z, B and C is one coalesced
+// vector load per lane. Per tile of kTile steps and per state n:
+//   1) each lane folds its steps into the affine map h -> P h + S (P = exp(A_n * its summed dt));
+//   2) a shuffle scan over the lanes composes the maps (Hillis-Steele, fixed order: reproducible);
+//   3) each lane's start state is the composed map of the lanes before it applied to the tile's carry,
+//      and the lane walks its steps again from it, adding C_t h_t to y_t.
+// The state is read from the input and written once per step: the whole forward is one launch with
+// no per-chunk summary pass, as long as there are enough rows to fill the GPU. With few rows (long L,
+// small B * d) the sequence is cut into segments: a summary launch gives each segment's end state from a
+// zero start, `chain_chunks` turns those into start states, and the output launch runs the segments in
+// parallel. The backward's checkpoints (the state before every kChunk steps) are written on the way.
+#include <cstring>
+
+#include "gmamba/scan_chunk.h"
+
+namespace gmamba {
+namespace warp_scan {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kItems = 8;                     // consecutive steps per lane
+constexpr int kTile = 32 * kItems;            // steps per warp iteration
+constexpr int kRowsPerBlock = 4;              // one warp per row
+// Register cap through __launch_bounds__: 6 blocks (24 warps) per SM, no spills for the float kernels.
+constexpr int kBlocksPerSM = 6;
+constexpr int kLanesPerChunk = kChunk / kItems;
+static_assert(kChunk % kItems == 0, "every checkpoint chunk starts at a lane's first step");
+
+// Where the forward's rows start and end, and the buffers of the segmented form.
+template <typename acc_t>
+struct Segments {
+  int64_t count;   // segments per row (1: a single pass)
+  int64_t len;     // steps per segment, a multiple of kTile
+  acc_t* state;    // (B, count, N, d): end states from a zero start, then start states (chain_chunks)
+  acc_t* dt_sum;   // (B, count, d): summed step sizes per segment
+};
+
+// kItems values of a row from step `first` (zero past `end`) as acc_t. A full, 16-byte aligned run is
+// read as 16-byte vectors; the last lane of a row and misaligned rows take scalar loads.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void load_items(const T* row, int64_t first, int64_t end, acc_t (&out)[kItems]) {
+  constexpr int kPerVec = 16 / sizeof(T);
+  static_assert(kItems % kPerVec == 0, "whole vectors per lane");
+  const T* p = row + first;
+  if (first + kItems <= end && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+#pragma unroll
+    for (int v = 0; v < kItems / kPerVec; ++v) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + v);
+      T vals[kPerVec];
+      memcpy(vals, &raw, 16);
+#pragma unroll
+      for (int e = 0; e < kPerVec; ++e) out[v * kPerVec + e] = to_acc(vals[e], acc_t(0));
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) out[i] = first + i < end ? to_acc(p[i], acc_t(0)) : acc_t(0);
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void store_items(T* row, int64_t first, int64_t end, const acc_t (&in)[kItems]) {
+  constexpr int kPerVec = 16 / sizeof(T);
+  T* p = row + first;
+  if (first + kItems <= end && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+#pragma unroll
+    for (int v = 0; v < kItems / kPerVec; ++v) {
+      T vals[kPerVec];
+#pragma unroll
+      for (int e = 0; e < kPerVec; ++e) vals[e] = static_cast<T>(in[v * kPerVec + e]);
+      uint4 raw;
+      memcpy(&raw, vals, 16);
+      reinterpret_cast<uint4*>(p)[v] = raw;
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i)
+    if (first + i < end) p[i] = static_cast<T>(in[i]);
+}
+
+// B or C of state n over the lane's steps: a row of the variable (B, G, N, L) form (L contiguous), or
+// the constant (d, N) value repeated.
+template <typename acc_t>
+__device__ __forceinline__ void load_bc(const BCView<acc_t>& v, const acc_t* var_base, int64_t c, int64_t n,
+                                        int64_t first, int64_t end, acc_t (&out)[kItems]) {
+  if (v.variable) {
+    load_items(var_base + n * v.sn, first, end, out);
+  } else {
+    const acc_t value = __ldg(v.ptr + c * v.sc + n * v.sn);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) out[i] = value;
+  }
+}
+
+// Inclusive scan of affine maps over the warp: lane i ends with the composition of lanes 0..i's maps
+// (earlier maps applied first).
+template <typename acc_t>
+__device__ __forceinline__ void warp_compose(acc_t& P, acc_t& S, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const acc_t prev_P = __shfl_up_sync(kFullMask, P, offset);
+    const acc_t prev_S = __shfl_up_sync(kFullMask, S, offset);
+    if (lane >= offset) {
+      S = P * prev_S + S;
+      P *= prev_P;
+    }
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// kSummary: the segment's end state from a zero start and its summed dt (no output).
+// Otherwise: the output, the checkpoints, and (single pass) the last state.
+template <bool kSummary, typename in_t, typename acc_t>
+__global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
+    rows_forward(ScanFwdArgs<in_t, acc_t> a, Segments<acc_t> seg) {
+  extern __shared__ unsigned char smem_raw[];
+  const ScanShape& s = a.s;
+  const int N = static_cast<int>(s.dstate);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  acc_t* carry = reinterpret_cast<acc_t*>(smem_raw) + warp * N;  // this row's state, per n
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;  // b * d + c
+  if (row >= s.batch * s.dim) return;  // the whole warp leaves together
+  const int64_t b = row / s.dim, c = row % s.dim, g = c / s.dim_per_group;
+  const int64_t segment = blockIdx.y;
+  const int64_t begin = segment * seg.len;
+  const int64_t end = begin + seg.len < s.len ? begin + seg.len : s.len;
+
+  for (int n = lane; n < N; n += 32) {
+    acc_t h0 = 0;
+    if (!kSummary && seg.count > 1) {
+      h0 = seg.state[((b * seg.count + segment) * N + n) * s.dim + c];
+    } else if (!kSummary && a.initial_state) {
+      h0 = a.initial_state[s.state_index(b, c, n)];
+    }
+    carry[n] = h0;
+  }
+  __syncwarp();
+
+  const int64_t offset = row * s.len;  // channels-first: row (b, c) is contiguous
+  const acc_t bias = a.delta_bias ? a.delta_bias[c] : acc_t(0);
+  const acc_t Dc = a.D ? a.D[c] : acc_t(0);
+  const acc_t* A_row = a.A + c * N;
+  const acc_t* B_base = a.B.ptr + b * a.B.sb + g * a.B.sg;
+  const acc_t* C_base = a.C.ptr + b * a.C.sb + g * a.C.sg;
+  acc_t dt_total = 0;
+
+  for (int64_t l0 = begin; l0 < end; l0 += kTile) {
+    const int64_t first = l0 + lane * kItems;
+    acc_t dt[kItems], dtu[kItems], y[kItems];
+    load_items(a.delta + offset, first, end, dt);
+    load_items(a.u + offset, first, end, dtu);
+    acc_t lane_dt = 0;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      dt[i] = first + i < end ? discretize_delta(dt[i], bias, s.softplus) : acc_t(0);  // padding: identity
+      y[i] = Dc * dtu[i];
+      dtu[i] *= dt[i];
+      lane_dt += dt[i];
+    }
+    dt_total += lane_dt;
+
+    for (int n = 0; n < N; ++n) {
+      const acc_t A_n = __ldg(A_row + n);
+      acc_t Bv[kItems], decay[kItems];
+      load_bc(a.B, B_base, c, n, first, end, Bv);
+      // This lane's steps as h -> P h + S; P from one exp of the summed dt (the product of the steps'
+      // decays up to rounding).
+      acc_t S = 0;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        decay[i] = fast_exp(dt[i] * A_n);
+        S = decay[i] * S + dtu[i] * Bv[i];
+      }
+      acc_t P = fast_exp(lane_dt * A_n);
+      warp_compose(P, S, lane);
+      const acc_t h_in = carry[n];
+      const acc_t end_state = __shfl_sync(kFullMask, P * h_in + S, 31);
+      if constexpr (!kSummary) {
+        acc_t before_P = __shfl_up_sync(kFullMask, P, 1), before_S = __shfl_up_sync(kFullMask, S, 1);
+        if (lane == 0) before_P = 1, before_S = 0;
+        acc_t h = before_P * h_in + before_S;  // the state before this lane's first step
+        if (lane % kLanesPerChunk == 0 && first < end) a.checkpoints[s.chunk_state_index(b, first / kChunk, n, c)] = h;
+        acc_t Cv[kItems];
+        load_bc(a.C, C_base, c, n, first, end, Cv);
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          h = decay[i] * h + dtu[i] * Bv[i];
+          y[i] += Cv[i] * h;
+        }
+      }
+      __syncwarp();  // every lane has read carry[n]
+      if (lane == 0) carry[n] = end_state;
+    }
+    __syncwarp();
+
+    if constexpr (!kSummary) {
+      if (a.z) {
+        acc_t zv[kItems];
+        load_items(a.z + offset, first, end, zv);
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) y[i] *= silu(zv[i]);
+      }
+      store_items(a.out + offset, first, end, y);
+    }
+  }
+
+  if constexpr (kSummary) {
+    dt_total = warp_sum(dt_total);
+    const int64_t at = (b * seg.count + segment) * N;
+    for (int n = lane; n < N; n += 32) seg.state[(at + n) * s.dim + c] = carry[n];
+    if (lane == 0) seg.dt_sum[(b * seg.count + segment) * s.dim + c] = dt_total;
+  } else {
+    if (seg.count == 1 && a.last_state)
+      for (int n = lane; n < N; n += 32) a.last_state[s.state_index(b, c, n)] = carry[n];
+  }
+}
+
+// Segments per row: one when B * d rows already give every SM about 16 warps, else enough to get there
+// (each segment at least one tile).
+struct SegmentPlan {
+  int64_t count, len;
+};
+
+inline SegmentPlan plan_segments(const ScanShape& s, int sm_count) {
+  const int64_t rows = s.batch * s.dim;
+  const int64_t tiles = (s.len + kTile - 1) / kTile;
+  const int64_t want = static_cast<int64_t>(sm_count) * 16;
+  int64_t count = rows >= want ? 1 : (want + rows - 1) / rows;
+  if (count > tiles) count = tiles;
+  const int64_t seg_tiles = (tiles + count - 1) / count;
+  return {(tiles + seg_tiles - 1) / seg_tiles, seg_tiles * kTile};
+}
+
+}  // namespace warp_scan
+}  // namespace gmamba
