@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "gmamba/scan_chunk.h"
+#include "scan_segments.cuh"
 
 namespace gmamba {
 namespace warp_scan {
@@ -26,15 +27,6 @@ constexpr int kRowsPerBlock = 4;              // one warp per row
 constexpr int kBlocksPerSM = 6;
 constexpr int kLanesPerChunk = kChunk / kItems;
 static_assert(kChunk % kItems == 0, "every checkpoint chunk starts at a lane's first step");
-
-// Where the forward's rows start and end, and the buffers of the segmented form.
-template <typename acc_t>
-struct Segments {
-  int64_t count;   // segments per row (1: a single pass)
-  int64_t len;     // steps per segment, a multiple of kTile
-  acc_t* state;    // (B, count, N, d): end states from a zero start, then start states (chain_chunks)
-  acc_t* dt_sum;   // (B, count, d): summed step sizes per segment
-};
 
 // kItems values of a row from step `first` (zero past `end`) as acc_t. A full, 16-byte aligned run is
 // read as 16-byte vectors; the last lane of a row and misaligned rows take scalar loads.
@@ -119,7 +111,7 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 // Otherwise: the output, the checkpoints, and (single pass) the last state.
 template <bool kSummary, typename in_t, typename acc_t>
 __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
-    rows_forward(ScanFwdArgs<in_t, acc_t> a, Segments<acc_t> seg) {
+    rows_forward(ScanFwdArgs<in_t, acc_t> a, ScanSegments<acc_t> seg) {
   extern __shared__ unsigned char smem_raw[];
   const ScanShape& s = a.s;
   const int N = static_cast<int>(s.dstate);
@@ -221,22 +213,6 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
     if (seg.count == 1 && a.last_state)
       for (int n = lane; n < N; n += 32) a.last_state[s.state_index(b, c, n)] = carry[n];
   }
-}
-
-// Segments per row: one when B * d rows already give every SM about 16 warps, else enough to get there
-// (each segment at least one tile).
-struct SegmentPlan {
-  int64_t count, len;
-};
-
-inline SegmentPlan plan_segments(const ScanShape& s, int sm_count) {
-  const int64_t rows = s.batch * s.dim;
-  const int64_t tiles = (s.len + kTile - 1) / kTile;
-  const int64_t want = static_cast<int64_t>(sm_count) * 16;
-  int64_t count = rows >= want ? 1 : (want + rows - 1) / rows;
-  if (count > tiles) count = tiles;
-  const int64_t seg_tiles = (tiles + count - 1) / count;
-  return {(tiles + seg_tiles - 1) / seg_tiles, seg_tiles * kTile};
 }
 
 }  // namespace warp_scan

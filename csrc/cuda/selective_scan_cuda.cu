@@ -16,6 +16,7 @@
 
 #include "gmamba/scan_chunk.h"
 #include "ops/scan_ops.h"
+#include "scan_lane_forward.cuh"
 #include "scan_warp_forward.cuh"
 
 namespace gmamba {
@@ -276,44 +277,85 @@ using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 
 int64_t tiles_of(const ScanShape& s) { return (s.dim_per_group + kWarp - 1) / kWarp; }
 
-// Channels-first forward: one warp per (batch, channel) row (scan_warp_forward.cuh); with few rows, the
-// rows are cut into segments chained by chain_chunks.
+// Runs a row-walking forward (scan_warp_forward.cuh, scan_lane_forward.cuh): one output launch when
+// the plan has a single segment per row, else a summary launch, chain_chunks over the segments and the
+// output launch. launch(summary, segments) starts one of the two kernels.
+template <typename acc_t, typename Launch>
+void forward_segmented(const ScanShape& s, const SegmentPlan& plan, const acc_t* A, acc_t* last_state,
+                       const at::Tensor& like, cudaStream_t stream, Launch launch) {
+  ScanSegments<acc_t> seg{plan.count, plan.len, nullptr, nullptr};
+  at::Tensor seg_state, dt_sum;
+  if (plan.count > 1) {
+    seg_state = at::empty({s.batch, plan.count, s.dstate, s.dim}, like.options());
+    dt_sum = at::empty({s.batch, plan.count, s.dim}, like.options());
+    seg.state = seg_state.data_ptr<acc_t>();
+    seg.dt_sum = dt_sum.data_ptr<acc_t>();
+    launch(true, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ScanShape by_segment = s;  // chain_chunks over segments instead of chunks
+    by_segment.nchunks = plan.count;
+    launch_chain<false>(by_segment, A, seg.dt_sum, seg.state, last_state, stream);
+  }
+  launch(false, seg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Channels-first: one warp per (batch, channel) row, lanes along L.
 template <typename in_t, typename acc_t>
 void forward_rows(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const at::Tensor& checkpoints,
                   cudaStream_t stream) {
   using namespace warp_scan;
-  const SegmentPlan plan = plan_segments(s, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  Segments<acc_t> seg{plan.count, plan.len, nullptr, nullptr};
-  at::Tensor seg_state, dt_sum;
-  const dim3 grid(static_cast<unsigned>((s.batch * s.dim + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>(plan.count));
+  const int64_t rows = s.batch * s.dim;
+  const SegmentPlan plan = plan_segments(rows, s.len, kTile, static_cast<int64_t>(sm_count()) * 16);
+  const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(plan.count));
   const size_t smem = kRowsPerBlock * s.dstate * sizeof(acc_t);
-  if (plan.count > 1) {
-    seg_state = at::empty({s.batch, plan.count, s.dstate, s.dim}, checkpoints.options());
-    dt_sum = at::empty({s.batch, plan.count, s.dim}, checkpoints.options());
-    seg.state = seg_state.data_ptr<acc_t>();
-    seg.dt_sum = dt_sum.data_ptr<acc_t>();
-    rows_forward<true><<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ScanShape by_segment = s;  // chain_chunks over segments instead of chunks
-    by_segment.nchunks = plan.count;
-    launch_chain<false>(by_segment, args.A, seg.dt_sum, seg.state, args.last_state, stream);
-  }
-  rows_forward<false><<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  forward_segmented(s, plan, args.A, args.last_state, checkpoints, stream, [&](bool summary, ScanSegments<acc_t> seg) {
+    if (summary) {
+      rows_forward<true><<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
+    } else {
+      rows_forward<false><<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
+    }
+  });
+}
+
+// Channels-last with d_state <= 16: one thread per (batch, channel, segment), every state in registers.
+template <int kN, typename in_t, typename acc_t>
+void forward_channels(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const at::Tensor& checkpoints,
+                      cudaStream_t stream) {
+  using namespace lane_scan;
+  const int64_t rows = s.batch * s.dim;
+  const SegmentPlan plan = plan_segments(rows, s.len, kChunk, static_cast<int64_t>(sm_count()) * kThreadsPerSM);
+  const dim3 grid(static_cast<unsigned>((rows + kThreads - 1) / kThreads), static_cast<unsigned>(plan.count));
+  forward_segmented(s, plan, args.A, args.last_state, checkpoints, stream, [&](bool summary, ScanSegments<acc_t> seg) {
+    if (summary) {
+      channels_forward<kN, true><<<grid, kThreads, 0, stream>>>(args, seg);
+    } else {
+      channels_forward<kN, false><<<grid, kThreads, 0, stream>>>(args, seg);
+    }
+  });
 }
 
 void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& out, const at::Tensor& checkpoints,
                   const at::Tensor& last_state) {
   const c10::cuda::CUDAGuard guard(in.u.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (!s.channels_last) {
+  if (!s.channels_last || s.dstate <= 16) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_fwd_rows", [&] {
       using acc_t = acc_of<scalar_t>;
-      forward_rows(make_fwd_args<scalar_t, acc_t>(in, s, out, checkpoints, last_state), s, checkpoints, stream);
+      const auto args = make_fwd_args<scalar_t, acc_t>(in, s, out, checkpoints, last_state);
+      if (!s.channels_last) {
+        forward_rows(args, s, checkpoints, stream);
+      } else if (s.dstate <= 8) {
+        forward_channels<8>(args, s, checkpoints, stream);
+      } else {
+        forward_channels<16>(args, s, checkpoints, stream);
+      }
     });
     return;
   }
+  // Channels-last with d_state > 16: the chunk kernels.
   const int64_t tiles = tiles_of(s);
   at::Tensor dt_sum = at::empty({s.batch, s.nchunks, s.dim}, checkpoints.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_fwd_cuda", [&] {

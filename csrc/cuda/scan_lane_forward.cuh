@@ -1,0 +1,111 @@
+#pragma once
+// Forward selective scan for channels-last (B, L, d) inputs with d_state <= 16: one thread per
+// (batch, channel, segment), lanes over channels (each step's tokens are one coalesced row), steps in
+// order with every state in registers. Per step the B and C rows (N values, shared by the warp) are read
+// as vectors and each state costs exp, two FMAs and a multiply: no per-state loads, no index arithmetic.
+// The rows are cut into segments for parallelism: a summary launch gives each segment's end state from a
+// zero start, chain_chunks turns those into start states, and the output launch runs every segment from
+// its start state, writing the output and the backward's checkpoints (the state before every kChunk
+// steps). Larger d_state takes the chunk kernels of selective_scan_cuda.cu.
+#include "gmamba/scan_chunk.h"
+#include "scan_segments.cuh"
+
+namespace gmamba {
+namespace lane_scan {
+
+constexpr int kThreads = 128;
+// Threads per SM the segment plan aims at (registers allow about 20 warps of 128-thread blocks).
+constexpr int kThreadsPerSM = 640;
+
+// N values of a B or C row (zero past N): one vector load per 4 floats when the row allows.
+template <int kN, typename acc_t>
+__device__ __forceinline__ void load_row(const acc_t* row, int N, acc_t (&out)[kN]) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (N == kN && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+#pragma unroll
+      for (int v = 0; v < kN / 4; ++v) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(row) + v);
+        out[4 * v] = q.x, out[4 * v + 1] = q.y, out[4 * v + 2] = q.z, out[4 * v + 3] = q.w;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kN; ++n) out[n] = n < N ? __ldg(row + n) : acc_t(0);
+}
+
+// kSummary: each segment's end state from a zero start and its summed dt. Otherwise: output,
+// checkpoints and (single segment) the last state. States n >= N run with A = 0 and B = 0: they stay 0.
+template <int kN, bool kSummary, typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) channels_forward(ScanFwdArgs<in_t, acc_t> a, ScanSegments<acc_t> seg) {
+  const ScanShape& s = a.s;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // b * d + c
+  if (idx >= s.batch * s.dim) return;
+  const int N = static_cast<int>(s.dstate);
+  const int64_t b = idx / s.dim, c = idx % s.dim, g = c / s.dim_per_group;
+  const int64_t segment = blockIdx.y;
+  const int64_t begin = segment * seg.len;
+  const int64_t end = begin + seg.len < s.len ? begin + seg.len : s.len;
+
+  acc_t A[kN], h[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    A[n] = n < N ? a.A[c * N + n] : acc_t(0);
+    h[n] = 0;
+    if (kSummary || n >= N) continue;
+    if (seg.count > 1) {
+      h[n] = seg.state[((b * seg.count + segment) * N + n) * s.dim + c];
+    } else if (a.initial_state) {
+      h[n] = a.initial_state[s.state_index(b, c, n)];
+    }
+  }
+  const acc_t bias = a.delta_bias ? a.delta_bias[c] : acc_t(0);
+  const acc_t Dc = a.D ? a.D[c] : acc_t(0);
+  // Variable B/C: (B, L, G, N) rows, stride sl per step; constant: the channel's (N,) row, stride 0.
+  const acc_t* B_row = a.B.ptr + (a.B.variable ? b * a.B.sb + g * a.B.sg : c * a.B.sc);
+  const acc_t* C_row = a.C.ptr + (a.C.variable ? b * a.C.sb + g * a.C.sg : c * a.C.sc);
+  const int64_t B_step = a.B.variable ? a.B.sl : 0, C_step = a.C.variable ? a.C.sl : 0;
+  const int64_t x0 = b * s.sb + c;  // channels-last: step l of this channel at x0 + l * d
+  acc_t dt_total = 0;
+
+  for (int64_t l = begin; l < end; ++l) {
+    if (!kSummary && l % kChunk == 0) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        if (n < N) a.checkpoints[s.chunk_state_index(b, l / kChunk, n, c)] = h[n];
+    }
+    const int64_t i = x0 + l * s.sl;
+    const acc_t u = to_acc(a.u[i], acc_t(0));
+    const acc_t dt = discretize_delta(to_acc(a.delta[i], acc_t(0)), bias, s.softplus);
+    const acc_t dtu = dt * u;
+    acc_t Bv[kN];
+    load_row<kN>(B_row + l * B_step, N, Bv);
+#pragma unroll
+    for (int n = 0; n < kN; ++n) h[n] = fast_exp(dt * A[n]) * h[n] + dtu * Bv[n];
+    if constexpr (kSummary) {
+      dt_total += dt;
+    } else {
+      acc_t Cv[kN];
+      load_row<kN>(C_row + l * C_step, N, Cv);
+      acc_t y = Dc * u;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) y += Cv[n] * h[n];
+      if (a.z) y *= silu(to_acc(a.z[i], acc_t(0)));
+      a.out[i] = static_cast<in_t>(y);
+    }
+  }
+
+  if constexpr (kSummary) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+      if (n < N) seg.state[((b * seg.count + segment) * N + n) * s.dim + c] = h[n];
+    seg.dt_sum[(b * seg.count + segment) * s.dim + c] = dt_total;
+  } else if (seg.count == 1 && a.last_state) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+      if (n < N) a.last_state[s.state_index(b, c, n)] = h[n];
+  }
+}
+
+}  // namespace lane_scan
+}  // namespace gmamba
