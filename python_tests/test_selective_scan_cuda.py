@@ -143,6 +143,10 @@ LARGE_CASES = [
     case(batch=1, d=16, L=16384, N=16, **full),
     case(batch=1, d=16, L=16384, N=16, layout="cl", b_mode="constant", c_mode="constant", D=True, z=True,
          last_state=True),
+    # Enough (batch, channel) rows for the forward's single pass, without segments, on a 132-SM card:
+    # channels-first from 16 warps per SM (2112 rows), channels-last from 640 threads per SM (84480 rows).
+    case(batch=2, d=1100, L=300, N=16, **full),
+    case(batch=4, d=21120, L=20, N=8, layout="cl", **full),
 ]
 
 
