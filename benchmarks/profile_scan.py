@@ -1,5 +1,7 @@
-"""One forward + backward of gmamba_ext's CUDA scan (and of mamba-ssm's, if given) at one shape, for a
-profiler (ncu) to look at: benchmarks/profile_scan.sh runs it. Usage: profile_scan.py [mamba .so.gz]"""
+"""One forward + backward of gmamba_ext's CUDA scan (and of mamba-ssm's, if given) per case, for a
+profiler (ncu) to look at: benchmarks/profile_scan.sh runs it. Usage: profile_scan.py [mamba .so.gz]
+PROFILE_CASES picks the cases: "B,d,L,N,layout;..." with layout cf or cl (default: the large scan shape,
+channels-first). PROFILE_FWD_ONLY=1 skips the backward."""
 import os
 import sys
 
@@ -9,17 +11,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gmamba_ext  # noqa: E402
 from bench_scan_gpu import make_inputs  # noqa: E402
 
-shape = (8, 1536, 2048, 16)
-impls = [("gmamba", gmamba_ext.selective_scan, torch.float32)]
+
+def parse_cases(text):
+    cases = []
+    for item in filter(None, text.split(";")):
+        *dims, layout = item.split(",")
+        cases.append((tuple(int(v) for v in dims), layout == "cl"))
+    return cases
+
+
+cases = parse_cases(os.environ.get("PROFILE_CASES", "8,1536,2048,16,cf"))
+fwd_only = os.environ.get("PROFILE_FWD_ONLY") == "1"
+mamba = None
 if len(sys.argv) > 1:
     import mamba_ssm_baseline
     mamba_ssm_baseline.load(sys.argv[1])
-    impls.append(("mamba_ssm", mamba_ssm_baseline.selective_scan_fn, torch.float32))
-for name, fn, bc_dtype in impls:
-    inputs = make_inputs(*shape, torch.float32, False, bc_dtype)
-    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
-    for _ in range(2):  # the second iteration is the one profiled (ncu --launch-skip)
-        out = fn(**leaves, delta_softplus=True)
-        torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
-    torch.cuda.synchronize()
-    print(name, "done")
+    mamba = mamba_ssm_baseline.selective_scan_fn
+for shape, channels_last in cases:
+    impls = [("gmamba_cl" if channels_last else "gmamba",
+              gmamba_ext.selective_scan_channels_last if channels_last else gmamba_ext.selective_scan)]
+    if mamba is not None and not channels_last:
+        impls.append(("mamba_ssm", mamba))
+    for name, fn in impls:
+        inputs = make_inputs(*shape, torch.float32, channels_last, torch.float32)
+        leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+        for _ in range(2):
+            out = fn(**leaves, delta_softplus=True)
+            if not fwd_only:
+                torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+        torch.cuda.synchronize()
+        print(name, shape, "done")
