@@ -23,8 +23,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kItems = 8;                     // consecutive steps per lane
 constexpr int kTile = 32 * kItems;            // steps per warp iteration
 constexpr int kRowsPerBlock = 4;              // one warp per row
-// Register cap through __launch_bounds__: 6 blocks (24 warps) per SM, no spills for the float kernels.
-constexpr int kBlocksPerSM = 6;
+// Register cap through __launch_bounds__: 5 blocks (20 warps) per SM, no spills for the float kernels.
+constexpr int kBlocksPerSM = 5;
 constexpr int kLanesPerChunk = kChunk / kItems;
 static_assert(kChunk % kItems == 0, "every checkpoint chunk starts at a lane's first step");
 
@@ -132,9 +132,8 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
     } else if (!kSummary && a.initial_state) {
       h0 = a.initial_state[s.state_index(b, c, n)];
     }
-    carry[n] = h0;
+    carry[n] = h0;  // lane n % 32's slot: each lane reads back only what it wrote
   }
-  __syncwarp();
 
   const int64_t offset = row * s.len;  // channels-first: row (b, c) is contiguous
   const acc_t bias = a.delta_bias ? a.delta_bias[c] : acc_t(0);
@@ -159,13 +158,23 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
     }
     dt_total += lane_dt;
 
+    // The carries of 32 states at a time live in registers (lane j holds state n0 + j) and in shared
+    // memory between tiles, each lane touching only its own slots: no barrier in the state loop, so the
+    // next state's B row and this state's C row load while the shuffles run (ncu, run 16: half the stall
+    // cycles waited on these loads).
+    acc_t Bv[kItems];
+    load_bc(a.B, B_base, c, 0, first, end, Bv);
+    acc_t my_carry = 0;
     for (int n = 0; n < N; ++n) {
+      const int j = n & 31;
+      if (j == 0) my_carry = n + lane < N ? carry[n + lane] : acc_t(0);
+      acc_t Cv[kItems], Bnext[kItems];
+      if constexpr (!kSummary) load_bc(a.C, C_base, c, n, first, end, Cv);
+      if (n + 1 < N) load_bc(a.B, B_base, c, n + 1, first, end, Bnext);
       const acc_t A_n = __ldg(A_row + n);
-      acc_t Bv[kItems], decay[kItems];
-      load_bc(a.B, B_base, c, n, first, end, Bv);
       // This lane's steps as h -> P h + S; P from one exp of the summed dt (the product of the steps'
       // decays up to rounding).
-      acc_t S = 0;
+      acc_t decay[kItems], S = 0;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         decay[i] = fast_exp(dt[i] * A_n);
@@ -173,25 +182,24 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
       }
       acc_t P = fast_exp(lane_dt * A_n);
       warp_compose(P, S, lane);
-      const acc_t h_in = carry[n];
+      const acc_t h_in = __shfl_sync(kFullMask, my_carry, j);
       const acc_t end_state = __shfl_sync(kFullMask, P * h_in + S, 31);
       if constexpr (!kSummary) {
         acc_t before_P = __shfl_up_sync(kFullMask, P, 1), before_S = __shfl_up_sync(kFullMask, S, 1);
         if (lane == 0) before_P = 1, before_S = 0;
         acc_t h = before_P * h_in + before_S;  // the state before this lane's first step
         if (lane % kLanesPerChunk == 0 && first < end) a.checkpoints[s.chunk_state_index(b, first / kChunk, n, c)] = h;
-        acc_t Cv[kItems];
-        load_bc(a.C, C_base, c, n, first, end, Cv);
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           h = decay[i] * h + dtu[i] * Bv[i];
           y[i] += Cv[i] * h;
         }
       }
-      __syncwarp();  // every lane has read carry[n]
-      if (lane == 0) carry[n] = end_state;
+      if (lane == j) my_carry = end_state;
+      if ((j == 31 || n + 1 == N) && n - j + lane < N) carry[n - j + lane] = my_carry;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) Bv[i] = Bnext[i];
     }
-    __syncwarp();
 
     if constexpr (!kSummary) {
       if (a.z) {

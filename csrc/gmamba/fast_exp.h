@@ -40,10 +40,10 @@ GMAMBA_HOST_INLINE float host_exp_approx(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
-// log(1 + e) for e in [0, 1], as 2 atanh(e / (2 + e)) (no cancellation for tiny e), odd series to s^13:
-// relative error < 2e-7.
-GMAMBA_HOST_INLINE float host_log1p_unit_approx(float e) {
-  const float s = e / (2.0f + e), s2 = s * s;
+// 2 atanh(s) for s in [0, 1/3] as an odd series to s^13: log(1 + e) with s = e / (2 + e), e in [0, 1]
+// (no cancellation for tiny e), relative error < 2e-7. Shared by the host and device softplus.
+GMAMBA_HD_SMALL float log1p_from_atanh_arg(float s) {
+  const float s2 = s * s;
   float p = 1.0f / 13.0f;
   p = p * s2 + 1.0f / 11.0f;
   p = p * s2 + 1.0f / 9.0f;
@@ -53,6 +53,8 @@ GMAMBA_HOST_INLINE float host_log1p_unit_approx(float e) {
   p = p * s2 + 1.0f;
   return 2.0f * s * p;
 }
+
+GMAMBA_HOST_INLINE float host_log1p_unit_approx(float e) { return log1p_from_atanh_arg(e / (2.0f + e)); }
 
 // softplus(v) = max(v, 0) + log1p(exp(-|v|)), and linear above 20 as torch's; vectorisable.
 GMAMBA_HOST_INLINE float host_softplus_approx(float v) {
