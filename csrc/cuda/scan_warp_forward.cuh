@@ -71,19 +71,48 @@ __device__ __forceinline__ void store_items(T* row, int64_t first, int64_t end, 
     if (first + i < end) p[i] = static_cast<T>(in[i]);
 }
 
-// B or C of state n over the lane's steps: a row of the variable (B, G, N, L) form (L contiguous), or
-// the constant (d, N) value repeated.
+// B or C over one lane's steps, state by state: a row of the variable (B, G, N, L) form (L contiguous),
+// or the channel's constant (d, N) value repeated. Whether the lane's steps are whole, aligned vectors is
+// decided once per tile, not per state (ncu, run 17: integer and predicate work led the pipelines).
 template <typename acc_t>
-__device__ __forceinline__ void load_bc(const BCView<acc_t>& v, const acc_t* var_base, int64_t c, int64_t n,
-                                        int64_t first, int64_t end, acc_t (&out)[kItems]) {
-  if (v.variable) {
-    load_items(var_base + n * v.sn, first, end, out);
-  } else {
-    const acc_t value = __ldg(v.ptr + c * v.sc + n * v.sn);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) out[i] = value;
+struct BCLane {
+  const acc_t* p;  // state 0: the value at the lane's first step (variable), or the channel's value
+  int64_t stride;  // between states
+  int valid;       // steps of this lane inside the segment (0..kItems)
+  bool variable, vec;
+
+  __device__ __forceinline__ BCLane(const BCView<acc_t>& v, const acc_t* var_base, int64_t c, int64_t first,
+                                    int64_t end) {
+    variable = v.variable;
+    stride = v.sn;
+    const int64_t left = end - first;
+    valid = left <= 0 ? 0 : (left < kItems ? static_cast<int>(left) : kItems);
+    p = variable ? var_base + first : v.ptr + c * v.sc;
+    // first is a multiple of kItems, so the lane's run is aligned for every state when the base and
+    // the state stride are.
+    vec = variable && valid == kItems && reinterpret_cast<uintptr_t>(var_base) % 16 == 0 &&
+          (stride * sizeof(acc_t)) % 16 == 0;
   }
-}
+
+  __device__ __forceinline__ void load(int n, acc_t (&out)[kItems]) const {
+    const acc_t* q = p + n * stride;
+    if (vec) {
+      constexpr int kPerVec = 16 / sizeof(acc_t);
+#pragma unroll
+      for (int v = 0; v < kItems / kPerVec; ++v) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(q) + v);
+        memcpy(out + v * kPerVec, &raw, 16);
+      }
+    } else if (variable) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) out[i] = i < valid ? __ldg(q + i) : acc_t(0);
+    } else {
+      const acc_t value = __ldg(q);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) out[i] = value;
+    }
+  }
+};
 
 // Inclusive scan of affine maps over the warp: lane i ends with the composition of lanes 0..i's maps
 // (earlier maps applied first).
@@ -162,15 +191,19 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
     // memory between tiles, each lane touching only its own slots: no barrier in the state loop, so the
     // next state's B row and this state's C row load while the shuffles run (ncu, run 16: half the stall
     // cycles waited on these loads).
+    const BCLane<acc_t> B_lane(a.B, B_base, c, first, end), C_lane(a.C, C_base, c, first, end);
+    // Lanes that start a checkpoint chunk write the state before it, (B, nchunks, N, d): stride d per state.
+    const bool writes_checkpoint = !kSummary && lane % kLanesPerChunk == 0 && first < end;
+    acc_t* checkpoint = writes_checkpoint ? a.checkpoints + s.chunk_state_index(b, first / kChunk, 0, c) : nullptr;
     acc_t Bv[kItems];
-    load_bc(a.B, B_base, c, 0, first, end, Bv);
+    B_lane.load(0, Bv);
     acc_t my_carry = 0;
     for (int n = 0; n < N; ++n) {
       const int j = n & 31;
       if (j == 0) my_carry = n + lane < N ? carry[n + lane] : acc_t(0);
       acc_t Cv[kItems], Bnext[kItems];
-      if constexpr (!kSummary) load_bc(a.C, C_base, c, n, first, end, Cv);
-      if (n + 1 < N) load_bc(a.B, B_base, c, n + 1, first, end, Bnext);
+      if constexpr (!kSummary) C_lane.load(n, Cv);
+      if (n + 1 < N) B_lane.load(n + 1, Bnext);
       const acc_t A_n = __ldg(A_row + n);
       // This lane's steps as h -> P h + S; P from one exp of the summed dt (the product of the steps'
       // decays up to rounding).
@@ -188,7 +221,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
         acc_t before_P = __shfl_up_sync(kFullMask, P, 1), before_S = __shfl_up_sync(kFullMask, S, 1);
         if (lane == 0) before_P = 1, before_S = 0;
         acc_t h = before_P * h_in + before_S;  // the state before this lane's first step
-        if (lane % kLanesPerChunk == 0 && first < end) a.checkpoints[s.chunk_state_index(b, first / kChunk, n, c)] = h;
+        if (writes_checkpoint) checkpoint[n * s.dim] = h;
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           h = decay[i] * h + dtu[i] * Bv[i];

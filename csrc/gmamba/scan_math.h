@@ -16,12 +16,12 @@ namespace gmamba {
 // instructions per element, more than the scan's whole per-state work at d_state 8 (ncu, GPU run 16).
 #if defined(__CUDA_ARCH__)
 __device__ __forceinline__ float device_softplus(float v) {
-  const float e = __expf(-fabsf(v));
+  const float e = device_exp(-fabsf(v));
   const float sp = fmaxf(v, 0.0f) + log1p_from_atanh_arg(__fdividef(e, 2.0f + e));
   return v > 20.0f ? v : sp;
 }
 // 1 / (1 + e^-v); e^-v overflows to inf for v < -88, and the fast division gives 0 there, as it should.
-__device__ __forceinline__ float device_sigmoid(float v) { return __fdividef(1.0f, 1.0f + __expf(-v)); }
+__device__ __forceinline__ float device_sigmoid(float v) { return __fdividef(1.0f, 1.0f + device_exp(-v)); }
 #endif
 
 template <typename acc_t>
