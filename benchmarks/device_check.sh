@@ -19,7 +19,7 @@ status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
 step environment
-{ nvidia-smi; git -C "$REPO" rev-parse HEAD 2>/dev/null || cat "$REPO/.device/commit" 2>/dev/null; date -u;
+{ nvidia-smi; echo "wheel built from commit $(cat "$REPO/.device/commit" 2>/dev/null || echo unknown)"; date -u;
   $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 } 2>&1 | tee "$OUT/env.txt"
 
