@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -34,7 +33,7 @@ from .gssm_ops import conv_silu, fgmm
 from .gssm_reference import (GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, _validate,
                               fem_low_mask)
 from .gssm_fused import gssm_fused
-from .ops import _has_kernel, selective_scan_channels_last
+from .ops import _BATCHED_BACKWARD, _has_kernel, _traced_or_batched, selective_scan_channels_last
 from .reference import accumulation_dtype
 
 __all__ = ["gssm", "gssm_composition", "composition_only", "config_for", "as_params"]
@@ -217,27 +216,18 @@ def _gssm(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional[st
     return out.permute(0, 3, 1, 2) if bchw else out
 
 
-_COMPOSITION_ONLY = threading.local()
-
-
 @contextlib.contextmanager
 def composition_only():
-    """Within this context, `gssm` runs the Python composition even in eager mode: for callers that batch
-    the backward with torch.autograd.grad(is_grads_batched=True), which needs a batching rule for every op's
-    backward (the composition's ops have them; the C++ orchestration's backward has none)."""
-    previous = getattr(_COMPOSITION_ONLY, "on", False)
-    _COMPOSITION_ONLY.on = True
+    """Within this context, `gssm` runs the Python composition even in eager mode (and the scan its
+    registered autograd): for callers that batch the backward with torch.autograd.grad(is_grads_batched=True),
+    which needs a batching rule for every op's backward (the composition's ops have them; the C++
+    orchestration's backward has none)."""
+    previous = getattr(_BATCHED_BACKWARD, "on", False)
+    _BATCHED_BACKWARD.on = True
     try:
         yield
     finally:
-        _COMPOSITION_ONLY.on = previous
-
-
-def _traced_or_batched() -> bool:
-    """True under torch.compile, functorch transforms (vmap, grad, jvp) or composition_only(): the Python
-    composition, which those can see through, runs instead of the C++ orchestration."""
-    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-            or getattr(_COMPOSITION_ONLY, "on", False))
+        _BATCHED_BACKWARD.on = previous
 
 
 def _composition(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:

@@ -2,6 +2,7 @@
 torch.compile, and autograd, all registered through torch.library (no device branches here)."""
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -40,6 +41,18 @@ def _has_kernel(device: torch.device) -> bool:
     return device.type in _KERNEL_DEVICE_TYPES
 
 
+# Set by gmamba_ext.gssm.composition_only(): callers that batch the backward (torch.autograd.grad with
+# is_grads_batched=True) need every op's backward to have a batching rule.
+_BATCHED_BACKWARD = threading.local()
+
+
+def _traced_or_batched() -> bool:
+    """True under torch.compile, functorch transforms (vmap, grad, jvp) or a batched backward: these see the
+    ops' registered autograd (and the gssm its Python composition); plain eager calls take faster routes."""
+    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or getattr(_BATCHED_BACKWARD, "on", False))
+
+
 def _require_tensor(value, name: str, optional: bool = False) -> Optional[Tensor]:
     if value is None and optional:
         return None
@@ -69,8 +82,12 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
             _weight(D, "D", acc, True), None if z is None else z.contiguous(),
             _weight(delta_bias, "delta_bias", acc, True), _weight(initial_state, "initial_state", acc, True))
     if _has_kernel(u.device):
-        out, last_state, _ = torch.ops.gmamba_ext.selective_scan_fwd(*args, bool(delta_softplus),
-                                                                       bool(channels_last))
+        flags = (bool(delta_softplus), bool(channels_last))
+        if torch.is_grad_enabled() and not _traced_or_batched() and any(
+                t is not None and t.requires_grad for t in args):
+            out, last_state, _ = _ScanFunction.apply(*args, *flags)
+        else:
+            out, last_state, _ = torch.ops.gmamba_ext.selective_scan_fwd(*args, *flags)
     else:  # no compiled kernel for this device: the reference computes the same function
         out, last_state = reference.selective_scan_ref(*args[:8], delta_softplus=delta_softplus,
                                                        return_last_state=True, initial_state=args[8],
@@ -143,3 +160,17 @@ if HAS_EXTENSION:
                 dinitial_state if initial_state is not None else None, None, None)
 
     torch.library.register_autograd(_OPS + "selective_scan_fwd", _backward, setup_context=_setup_context)
+
+    class _ScanFunction(torch.autograd.Function):
+        """The op's registered autograd (same setup, same backward) as a plain autograd.Function for eager
+        calls. torch.library's generic autograd wrapper, and a Function with a separate setup_context
+        (which binds its arguments through inspect.signature), each cost about 90 us of Python per call on
+        a tiny CPU input, four times the op itself: that overhead dominated small scans on the GPU."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = torch.ops.gmamba_ext.selective_scan_fwd(*inputs)
+            _setup_context(ctx, inputs, output)
+            return output
+
+        backward = staticmethod(_backward)

@@ -3,7 +3,7 @@ real ones, the autograd registration (inputs requiring grad), and AOT dispatch w
 import pytest
 import torch
 
-from conftest import case, case_id, make_inputs, raw_fwd_args
+from conftest import api, case, case_id, make_inputs, raw_fwd_args
 
 fwd = torch.ops.gmamba_ext.selective_scan_fwd
 bwd = torch.ops.gmamba_ext.selective_scan_bwd
@@ -51,3 +51,29 @@ def test_opcheck_backward_grads_match_autograd():
     direct = bwd(dout, dlast, ckpt.detach(), *[a.detach() for a in tensors], *args[9:])
     for g_auto, g_direct in zip(grads, direct):
         assert torch.equal(g_auto, g_direct)
+
+
+@pytest.mark.parametrize("c", [OP_CASES[0], OP_CASES[1]], ids=case_id)
+def test_eager_wrapper_gradients_equal_registered_autograd(c):
+    """Eager calls of the wrapper take a plain autograd.Function (far less Python per call than the op's
+    registered autograd, which torch.compile and functorch keep using): both must give the same bits."""
+    from gmamba_ext import ops
+
+    t = make_inputs(c, seed=5)
+    args = raw_fwd_args(c, t, requires_grad=True)
+    flags = args[9:]
+    out_fn, last_fn, _ = ops._ScanFunction.apply(*args[:9], *flags)
+    out_op, last_op, _ = fwd(*args)
+    assert torch.equal(out_fn, out_op) and torch.equal(last_fn, last_op)
+    dout, dlast = torch.randn_like(out_op), torch.randn_like(last_op)
+    inputs = [a for a in args[:9] if a is not None]
+    g_fn = torch.autograd.grad((out_fn, last_fn), inputs, (dout, dlast))
+    g_op = torch.autograd.grad((out_op, last_op), inputs, (dout, dlast))
+    for a, b in zip(g_fn, g_op):
+        assert torch.equal(a, b)
+    # The public wrapper uses the Function in eager mode when something requires grad.
+    wrapped = api(c)(t["u"].requires_grad_(), t["delta"], t["A"], t["B"], t["C"], D=t["D"],
+                     z=t["z"], delta_bias=t["delta_bias"], delta_softplus=c["softplus"],
+                     initial_state=t["initial_state"])
+    assert type(wrapped.grad_fn).__name__ == "_ScanFunctionBackward"
+
