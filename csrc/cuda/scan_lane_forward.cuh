@@ -2,7 +2,7 @@
 // Forward selective scan for channels-last (B, L, d) inputs with d_state <= 16: one thread per
 // (batch, channel, segment), lanes over channels (each step's tokens are one coalesced row), steps in
 // order with every state in registers. Per step the B and C rows (N values, shared by the warp) are read
-// as vectors and each state costs exp, two FMAs and a multiply: no per-state loads, no index arithmetic.
+// as vectors and each state costs an exp, two FMAs and a multiply: no per-state loads or index arithmetic.
 // The rows are cut into segments for parallelism: a summary launch gives each segment's end state from a
 // zero start, chain_chunks turns those into start states, and the output launch runs every segment from
 // its start state, writing the output and the backward's checkpoints (the state before every kChunk

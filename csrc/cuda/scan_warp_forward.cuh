@@ -6,8 +6,8 @@
 //   2) a shuffle scan over the lanes composes the maps (Hillis-Steele, fixed order: reproducible);
 //   3) each lane's start state is the composed map of the lanes before it applied to the tile's carry,
 //      and the lane walks its steps again from it, adding C_t h_t to y_t.
-// The state is read from the input and written once per step: the whole forward is one launch with
-// no per-chunk summary pass, as long as there are enough rows to fill the GPU. With few rows (long L,
+// Each input is read once and the output written once: the whole forward is one launch with no
+// per-chunk summary pass, as long as there are enough rows to fill the GPU. With few rows (long L,
 // small B * d) the sequence is cut into segments: a summary launch gives each segment's end state from a
 // zero start, `chain_chunks` turns those into start states, and the output launch runs the segments in
 // parallel. The backward's checkpoints (the state before every kChunk steps) are written on the way.

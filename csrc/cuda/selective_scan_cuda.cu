@@ -1,6 +1,10 @@
-// CUDA selective scan. One thread per (batch, channel, 16-step chunk) runs the shared chunk code with a
-// single lane; a warp spans 32 channels of one chunk, so channels-last tokens are read coalesced.
-// Chunks are chained in three launches (no inter-block waiting, no atomics):
+// CUDA selective scan.
+// Forward: channels-first rows by one warp each (scan_warp_forward.cuh); channels-last with d_state <= 16
+// by one thread per (batch, channel, segment) (scan_lane_forward.cuh); both cut rows into segments chained
+// by chain_chunks when there are too few rows to fill the GPU. Channels-last with d_state > 16 and the
+// backward use the chunk kernels here: one thread per (batch, channel, 16-step chunk) runs the shared
+// chunk code with a single lane; a warp spans 32 channels of one chunk, so channels-last tokens are read
+// coalesced. Chunks are chained in three launches (no inter-block waiting, no atomics):
 //   forward:  1) each chunk's end state from a zero start, 2) a short sequential pass over chunks per
 //             (batch, state, channel) turning those into checkpoints, 3) each chunk again from its
 //             checkpoint, writing the output.
