@@ -18,11 +18,16 @@ struct SegmentPlan {
   int64_t count, len;
 };
 
-// As few segments as give `want` (row, segment) workers, each a multiple of `unit` steps.
+// Segments run as gridDim.y, whose limit is 65535.
+constexpr int64_t kMaxSegments = 65535;
+
+// As few segments as give `want` (row, segment) workers, each a multiple of `unit` steps, at most
+// kMaxSegments (rows of more than 65535 units then take longer segments).
 inline SegmentPlan plan_segments(int64_t rows, int64_t len, int64_t unit, int64_t want) {
   const int64_t units = (len + unit - 1) / unit;
   int64_t count = rows >= want ? 1 : (want + rows - 1) / rows;
   if (count > units) count = units;
+  if (count > kMaxSegments) count = kMaxSegments;
   if (count < 1) count = 1;
   const int64_t per = (units + count - 1) / count;
   return {(units + per - 1) / per, per * unit};

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/lane_transpose.h"
+#include "cuda/scan_segments.cuh"  // plain C++: the CUDA forwards' segment plan
 #include "gmamba/fast_exp.h"
 #include "gmamba/scan_math.h"
 
@@ -196,7 +197,25 @@ void test_row_sums() {
   }
 }
 
+// The CUDA forwards' segment plan: segments are whole units, cover the row exactly once (the last one may
+// run past its end), fit gridDim.y, and a row with enough rows already is one segment.
+void test_segment_plan() {
+  const int64_t cases[][4] = {{12288, 2048, 256, 2112}, {384, 16384, 256, 2112}, {384, 16384, 16, 84480},
+                              {1, 1 << 24, 16, 84480}, {3, 49, 16, 84480},     {2, 1, 256, 2112},
+                              {1, 5000000, 16, 84480}};
+  for (const auto& c : cases) {
+    const int64_t rows = c[0], len = c[1], unit = c[2], want = c[3];
+    const gmamba::SegmentPlan p = gmamba::plan_segments(rows, len, unit, want);
+    EXPECT(p.count >= 1 && p.count <= gmamba::kMaxSegments, "count %lld", (long long)p.count);
+    EXPECT(p.len % unit == 0, "len %lld not a multiple of %lld", (long long)p.len, (long long)unit);
+    EXPECT(p.count * p.len >= len && (p.count - 1) * p.len < len, "plan %lld x %lld does not cover %lld once",
+           (long long)p.count, (long long)p.len, (long long)len);
+    if (rows >= want) EXPECT(p.count == 1, "enough rows but %lld segments", (long long)p.count);
+  }
+}
+
 int main() {
+  test_segment_plan();
   test_softplus_silu();
   test_host_exp();
   test_row_sums();
