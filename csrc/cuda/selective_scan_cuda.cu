@@ -312,7 +312,7 @@ void forward_rows(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, cons
                   cudaStream_t stream) {
   using namespace warp_scan;
   const int64_t rows = s.batch * s.dim;
-  const SegmentPlan plan = plan_segments(rows, s.len, kTile, static_cast<int64_t>(sm_count()) * 16);
+  const SegmentPlan plan = plan_segments(rows, s.len, kTile, static_cast<int64_t>(sm_count()) * kWarpsPerSM);
   const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(plan.count));
   const size_t smem = kRowsPerBlock * s.dstate * sizeof(acc_t);
   forward_segmented(s, plan, args.A, args.last_state, checkpoints, stream, [&](bool summary, ScanSegments<acc_t> seg) {
