@@ -8,7 +8,8 @@
 # Knobs (seconds; 0 skips a step): T_CUDA_TESTS (180), T_BENCH (100), T_GSSM_BENCH (150), T_PROFILE (90),
 # T_ANALYSIS (60), T_SANITIZER (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
 # with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
-# GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Each step usually ends well before its limit (run 7: 91 s in
+# GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=channels runs every step with
+# the experimental channels-last backward kernel (csrc/cuda/scan_lane_backward.cuh) where it applies. Each step usually ends well before its limit (run 7: 91 s in
 # all without the scan benchmark); the limits sum to 640 s, so lower some to fit the 600 s command limit.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,0 +1,163 @@
+#pragma once
+// EXPERIMENTAL, off unless GMAMBA_CUDA_SCAN_BWD=channels (not yet run on a GPU; see docs/KERNELS.md):
+// the gradient pass of the CUDA backward for channels-last inputs with variable B and C and d_state <= 8,
+// in place of bwd_chunk_grads. Same work split (one thread per (batch, channel, 16-step chunk), a warp over
+// 32 channels of one chunk) and the same inputs (the chunk's checkpoint and its end adjoint from the
+// summary pass and chain_chunks), but every state in registers and steps outer:
+//   1) recompute the chunk's 16 x 8 states from the checkpoint into shared memory (512 B per thread);
+//   2) walk the steps in reverse with B and C rows as vector loads, finishing du, ddelta and dz step by
+//      step (no per-step arrays), and hand the 8 dB + 8 dC values of two steps to the warp's fixed-order
+//      reduce-scatter (32 values, one per lane).
+// bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers, 2 blocks
+// per SM); this kernel needs about half the registers and 64 KB of shared memory per block (3 per SM).
+#include "scan_chunk_threads.cuh"
+#include "scan_lane_forward.cuh"
+
+namespace gmamba {
+namespace lane_scan {
+
+constexpr int kBwdStates = 8;
+constexpr int kBwdThreads = chunk_threads::kWarp * chunk_threads::kWarpsPerBlock;
+
+template <typename acc_t>
+constexpr size_t channels_backward_smem() {
+  return static_cast<size_t>(kChunk) * kBwdStates * kBwdThreads * sizeof(acc_t);
+}
+
+// The launch's preconditions: channels-last, d_state <= 8, variable B and C.
+inline bool channels_backward_applies(const ScanShape& s, bool b_variable, bool c_variable) {
+  return s.channels_last && s.dstate <= kBwdStates && b_variable && c_variable;
+}
+
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kBwdThreads) channels_backward(ScanBwdArgs<in_t, acc_t> a, const acc_t* carry) {
+  using namespace chunk_threads;
+  constexpr int kN = kBwdStates, T = kChunk;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* traj = reinterpret_cast<acc_t*>(smem_raw);  // [T][kN][kBwdThreads]: h after each step
+  const ThreadChunk tc = locate(a.f.s, a.tiles);
+  if (!tc.live) return;  // whole warps
+  const ScanShape& s = a.f.s;
+  const LaneSet& ls = tc.ls;
+  const int N = static_cast<int>(s.dstate);
+  const bool active = ls.active;  // a padding lane computes zeros and touches no channel data
+  const int64_t b = ls.b, c = ls.c0, k = ls.k, l0 = ls.k * T;
+  const int valid = s.len - l0 < T ? static_cast<int>(s.len - l0) : T;
+  const int lane = threadIdx.x % kWarp;
+  auto state = [&](int t, int n) -> acc_t& { return traj[(t * kN + n) * kBwdThreads + threadIdx.x]; };
+
+  acc_t A[kN], h0[kN], g[kN], dA[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    const bool real = active && n < N;
+    A[n] = real ? a.f.A[c * N + n] : acc_t(0);
+    h0[n] = real ? a.f.checkpoints[s.chunk_state_index(b, k, n, c)] : acc_t(0);
+    g[n] = real ? carry[s.chunk_state_index(b, k, n, c)] : acc_t(0);
+    dA[n] = 0;
+  }
+  const acc_t bias = active && a.f.delta_bias ? a.f.delta_bias[c] : acc_t(0);
+  const acc_t Dc = active && a.f.D ? a.f.D[c] : acc_t(0);
+  const acc_t* B_row = a.f.B.ptr + b * a.f.B.sb + ls.g * a.f.B.sg;
+  const acc_t* C_row = a.f.C.ptr + b * a.f.C.sb + ls.g * a.f.C.sg;
+
+  // A step's u and dt (both 0 on padding steps and lanes: identity steps). Recomputed in the reverse
+  // walk rather than kept: per-step arrays held across the walk took every register (ptxas: 255).
+  auto step_inputs = [&](int t, acc_t& u, acc_t& dt) {
+    const bool in = active && t < valid;
+    const int64_t i = s.x_index(b, c, l0 + t);
+    u = in ? to_acc(a.f.u[i], acc_t(0)) : acc_t(0);
+    dt = in ? discretize_delta(to_acc(a.f.delta[i], acc_t(0)), bias, s.softplus) : acc_t(0);
+  };
+
+  // 1) The chunk's trajectory.
+  {
+    acc_t h[kN];
+#pragma unroll
+    for (int n = 0; n < kN; ++n) h[n] = h0[n];
+#pragma unroll 4
+    for (int t = 0; t < T; ++t) {
+      acc_t u, dt;
+      step_inputs(t, u, dt);
+      acc_t Bv[kN];
+      if (t < valid) {
+        load_row<kN>(B_row + (l0 + t) * a.f.B.sl, N, Bv);
+      } else {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) Bv[n] = 0;
+      }
+      const acc_t dtu = dt * u;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        h[n] = fast_exp(dt * A[n]) * h[n] + dtu * Bv[n];
+        state(t, n) = h[n];
+      }
+    }
+  }
+
+  // 2) Reverse, two steps at a time: v holds dB (steps t0, t1) then dC (steps t0, t1), 8 states each.
+  acc_t dD = 0, dbias = 0;
+  const int64_t part_row = ((b * s.groups + ls.g) * a.tiles + tc.tile) * s.dstate;
+#pragma unroll 1
+  for (int pair = T / 2 - 1; pair >= 0; --pair) {
+    acc_t v[2 * T];
+#pragma unroll
+    for (int half = 1; half >= 0; --half) {
+      const int t = 2 * pair + half;
+      const bool in = active && t < valid;
+      const int64_t i = s.x_index(b, c, l0 + t);
+      acc_t u, dt;
+      step_inputs(t, u, dt);
+      acc_t Bv[kN], Cv[kN];
+      if (t < valid) {
+        load_row<kN>(B_row + (l0 + t) * a.f.B.sl, N, Bv);
+        load_row<kN>(C_row + (l0 + t) * a.f.C.sl, N, Cv);
+      } else {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) Bv[n] = Cv[n] = 0;
+      }
+      const acc_t dout = in ? to_acc(a.dout[i], acc_t(0)) : acc_t(0);
+      const acc_t zt = in && a.f.z ? to_acc(a.f.z[i], acc_t(0)) : acc_t(0);
+      const acc_t dy = a.f.z ? dout * silu(zt) : dout;
+      acc_t y = Dc * u, ddt = 0, gB = 0;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        const acc_t ht = state(t, n);
+        const acc_t hp = t > 0 ? state(t - 1, n) : h0[n];
+        const acc_t decay = fast_exp(dt * A[n]);
+        y += Cv[n] * ht;
+        g[n] += Cv[n] * dy;
+        const acc_t g_decay_prev = g[n] * decay * hp;
+        ddt += g_decay_prev * A[n] + g[n] * Bv[n] * u;
+        gB += g[n] * Bv[n];
+        dA[n] += g_decay_prev * dt;
+        v[half * kN + n] = g[n] * dt * u;
+        v[T + half * kN + n] = dy * ht;
+        g[n] *= decay;
+      }
+      if (in) {
+        a.du[i] = static_cast<in_t>(gB * dt + Dc * dy);
+        const acc_t dpre = discretize_delta_grad(to_acc(a.f.delta[i], acc_t(0)), bias, s.softplus, ddt);
+        a.ddelta[i] = static_cast<in_t>(dpre);
+        dbias += dpre;
+        dD += dy * u;
+        if (a.f.z) a.dz[i] = static_cast<in_t>(dout * y * silu_grad(zt));
+      }
+    }
+    // Lane j ends with the sum over the warp's channels of value j: dB (j < 16) or dC of step
+    // 2 pair + (j / 8) % 2, state j % 8.
+    const acc_t sum = warp_reduce_scatter32(v);
+    const int n = lane % kN;
+    const int64_t l = l0 + 2 * pair + (lane / kN) % 2;
+    if (n < N && l < s.len) (lane < T ? a.dB_part : a.dC_part)[(part_row + n) * s.len + l] = sum;
+  }
+
+  if (!active) return;
+#pragma unroll
+  for (int n = 0; n < kN; ++n)
+    if (n < N) a.dA_part[s.chunk_state_index(b, k, n, c)] = dA[n];
+  a.dD_part[s.chunk_index(b, k, c)] = dD;
+  a.dbias_part[s.chunk_index(b, k, c)] = dbias;
+}
+
+}  // namespace lane_scan
+}  // namespace gmamba
