@@ -9,6 +9,7 @@
 // steps). Larger d_state takes the chunk kernels of selective_scan_cuda.cu.
 #include "gmamba/scan_chunk.h"
 #include "scan_segments.cuh"
+#include "vector_load.cuh"
 
 namespace gmamba {
 namespace lane_scan {
@@ -17,18 +18,12 @@ constexpr int kThreads = 128;
 // Threads per SM the segment plan aims at (registers allow about 4-6 blocks of 128 threads).
 constexpr int kThreadsPerSM = 640;
 
-// N values of a B or C row (zero past N): one vector load per 4 floats when the row allows.
+// N values of a B or C row (zero past N): 16-byte vector loads when the row is whole and aligned.
 template <int kN, typename acc_t>
 __device__ __forceinline__ void load_row(const acc_t* row, int N, acc_t (&out)[kN]) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (N == kN && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
-#pragma unroll
-      for (int v = 0; v < kN / 4; ++v) {
-        const float4 q = __ldg(reinterpret_cast<const float4*>(row) + v);
-        out[4 * v] = q.x, out[4 * v + 1] = q.y, out[4 * v + 2] = q.z, out[4 * v + 3] = q.w;
-      }
-      return;
-    }
+  if (N == kN && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    load_vec16(row, out);
+    return;
   }
 #pragma unroll
   for (int n = 0; n < kN; ++n) out[n] = n < N ? __ldg(row + n) : acc_t(0);

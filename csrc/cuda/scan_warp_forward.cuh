@@ -15,6 +15,7 @@
 
 #include "gmamba/scan_chunk.h"
 #include "scan_segments.cuh"
+#include "vector_load.cuh"
 
 namespace gmamba {
 namespace warp_scan {
@@ -33,18 +34,9 @@ static_assert(kChunk % kItems == 0, "every checkpoint chunk starts at a lane's f
 // read as 16-byte vectors; the last lane of a row and misaligned rows take scalar loads.
 template <typename T, typename acc_t>
 __device__ __forceinline__ void load_items(const T* row, int64_t first, int64_t end, acc_t (&out)[kItems]) {
-  constexpr int kPerVec = 16 / sizeof(T);
-  static_assert(kItems % kPerVec == 0, "whole vectors per lane");
   const T* p = row + first;
   if (first + kItems <= end && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
-#pragma unroll
-    for (int v = 0; v < kItems / kPerVec; ++v) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + v);
-      T vals[kPerVec];
-      memcpy(vals, &raw, 16);
-#pragma unroll
-      for (int e = 0; e < kPerVec; ++e) out[v * kPerVec + e] = to_acc(vals[e], acc_t(0));
-    }
+    load_vec16(p, out);
     return;
   }
 #pragma unroll
@@ -98,12 +90,7 @@ struct BCLane {
   __device__ __forceinline__ void load(int n, acc_t (&out)[kItems]) const {
     const acc_t* q = p + n * stride;
     if (vec) {
-      constexpr int kPerVec = 16 / sizeof(acc_t);
-#pragma unroll
-      for (int v = 0; v < kItems / kPerVec; ++v) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(q) + v);
-        memcpy(out + v * kPerVec, &raw, 16);
-      }
+      load_vec16(q, out);
     } else if (variable) {
 #pragma unroll
       for (int i = 0; i < kItems; ++i) out[i] = i < valid ? __ldg(q + i) : acc_t(0);

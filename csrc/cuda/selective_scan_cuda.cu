@@ -235,12 +235,44 @@ using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 
 int64_t tiles_of(const ScanShape& s) { return (s.dim_per_group + kWarp - 1) / kWarp; }
 
-// Runs a row-walking forward (scan_warp_forward.cuh, scan_lane_forward.cuh): one output launch when
-// the plan has a single segment per row, else a summary launch, chain_chunks over the segments and the
-// output launch. launch(summary, segments) starts one of the two kernels.
-template <typename acc_t, typename Launch>
-void forward_segmented(const ScanShape& s, const SegmentPlan& plan, const acc_t* A, acc_t* last_state,
-                       const at::Tensor& like, cudaStream_t stream, Launch launch) {
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// A row-walking forward (scan_warp_forward.cuh, scan_lane_forward.cuh): its two kernels and launch shape.
+template <typename in_t, typename acc_t>
+struct RowWalk {
+  using Kernel = void (*)(ScanFwdArgs<in_t, acc_t>, ScanSegments<acc_t>);
+  Kernel summary, output;
+  int64_t unit;            // segment lengths are multiples of this many steps
+  int64_t workers_per_sm;  // rows per SM the segment plan aims at
+  int rows_per_block, threads;
+  size_t smem;
+};
+
+// Channels-first: one warp per (batch, channel) row, lanes along L.
+template <typename in_t, typename acc_t>
+RowWalk<in_t, acc_t> rows_walk(const ScanShape& s) {
+  using namespace warp_scan;
+  return {rows_forward<true, in_t, acc_t>, rows_forward<false, in_t, acc_t>, kTile, kWarpsPerSM, kRowsPerBlock,
+          32 * kRowsPerBlock, kRowsPerBlock * s.dstate * sizeof(acc_t)};
+}
+
+// Channels-last with d_state <= kN (8 or 16): one thread per (batch, channel, segment), states in registers.
+template <int kN, typename in_t, typename acc_t>
+RowWalk<in_t, acc_t> channels_walk() {
+  using namespace lane_scan;
+  return {channels_forward<kN, true, in_t, acc_t>, channels_forward<kN, false, in_t, acc_t>, kChunk, kThreadsPerSM,
+          kThreads, kThreads, 0};
+}
+
+// One output launch when the plan has a single segment per row, else a summary launch, chain_chunks over
+// the segments and the output launch.
+template <typename in_t, typename acc_t>
+void forward_segmented(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const RowWalk<in_t, acc_t>& walk,
+                       const at::Tensor& like, cudaStream_t stream) {
+  const int64_t rows = s.batch * s.dim;
+  const SegmentPlan plan = plan_segments(rows, s.len, walk.unit, static_cast<int64_t>(sm_count()) * walk.workers_per_sm);
+  const dim3 grid(static_cast<unsigned>((rows + walk.rows_per_block - 1) / walk.rows_per_block),
+                  static_cast<unsigned>(plan.count));
   ScanSegments<acc_t> seg{plan.count, plan.len, nullptr, nullptr};
   at::Tensor seg_state, dt_sum;
   if (plan.count > 1) {
@@ -248,45 +280,14 @@ void forward_segmented(const ScanShape& s, const SegmentPlan& plan, const acc_t*
     dt_sum = at::empty({s.batch, plan.count, s.dim}, like.options());
     seg.state = seg_state.data_ptr<acc_t>();
     seg.dt_sum = dt_sum.data_ptr<acc_t>();
-    launch(true, seg);
+    walk.summary<<<grid, walk.threads, walk.smem, stream>>>(args, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ScanShape by_segment = s;  // chain_chunks over segments instead of chunks
     by_segment.nchunks = plan.count;
-    launch_chain<false>(by_segment, A, seg.dt_sum, seg.state, last_state, stream);
+    launch_chain<false>(by_segment, args.A, seg.dt_sum, seg.state, args.last_state, stream);
   }
-  launch(false, seg);
+  walk.output<<<grid, walk.threads, walk.smem, stream>>>(args, seg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Channels-first: one warp per (batch, channel) row, lanes along L.
-template <typename in_t, typename acc_t>
-void forward_rows(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const at::Tensor& checkpoints,
-                  cudaStream_t stream) {
-  using namespace warp_scan;
-  const int64_t rows = s.batch * s.dim;
-  const SegmentPlan plan = plan_segments(rows, s.len, kTile, static_cast<int64_t>(sm_count()) * kWarpsPerSM);
-  const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(plan.count));
-  const size_t smem = kRowsPerBlock * s.dstate * sizeof(acc_t);
-  forward_segmented(s, plan, args.A, args.last_state, checkpoints, stream, [&](bool summary, ScanSegments<acc_t> seg) {
-    const auto kernel = summary ? rows_forward<true, in_t, acc_t> : rows_forward<false, in_t, acc_t>;
-    kernel<<<grid, 32 * kRowsPerBlock, smem, stream>>>(args, seg);
-  });
-}
-
-// Channels-last with d_state <= 16: one thread per (batch, channel, segment), every state in registers.
-template <int kN, typename in_t, typename acc_t>
-void forward_channels(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const at::Tensor& checkpoints,
-                      cudaStream_t stream) {
-  using namespace lane_scan;
-  const int64_t rows = s.batch * s.dim;
-  const SegmentPlan plan = plan_segments(rows, s.len, kChunk, static_cast<int64_t>(sm_count()) * kThreadsPerSM);
-  const dim3 grid(static_cast<unsigned>((rows + kThreads - 1) / kThreads), static_cast<unsigned>(plan.count));
-  forward_segmented(s, plan, args.A, args.last_state, checkpoints, stream, [&](bool summary, ScanSegments<acc_t> seg) {
-    const auto kernel = summary ? channels_forward<kN, true, in_t, acc_t> : channels_forward<kN, false, in_t, acc_t>;
-    kernel<<<grid, kThreads, 0, stream>>>(args, seg);
-  });
 }
 
 void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& out, const at::Tensor& checkpoints,
@@ -297,13 +298,10 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.u.scalar_type(), "selective_scan_fwd_rows", [&] {
       using acc_t = acc_of<scalar_t>;
       const auto args = make_fwd_args<scalar_t, acc_t>(in, s, out, checkpoints, last_state);
-      if (!s.channels_last) {
-        forward_rows(args, s, checkpoints, stream);
-      } else if (s.dstate <= 8) {
-        forward_channels<8>(args, s, checkpoints, stream);
-      } else {
-        forward_channels<16>(args, s, checkpoints, stream);
-      }
+      const RowWalk<scalar_t, acc_t> walk = !s.channels_last ? rows_walk<scalar_t, acc_t>(s)
+                                            : s.dstate <= 8    ? channels_walk<8, scalar_t, acc_t>()
+                                                               : channels_walk<16, scalar_t, acc_t>();
+      forward_segmented(args, s, walk, checkpoints, stream);
     });
     return;
   }
