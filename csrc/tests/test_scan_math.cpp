@@ -89,6 +89,28 @@ void test_host_exp() {
   EXPECT(gmamba::host_exp_approx(0.0f) == 1.0f, "host_exp_approx(0) = %.9g", gmamba::host_exp_approx(0.0f));
 }
 
+void test_host_exp2() {
+  // Dense sweep of [-126, 127.5) against the correctly rounded double 2^x, then the saturated ends.
+  double worst = 0;
+  float worst_x = 0;
+  const int steps = 20'000'000;
+  for (int i = 0; i < steps; ++i) {
+    const float x = static_cast<float>(-126.0 + 253.5 * i / steps);
+    const double want = std::exp2(static_cast<double>(x));
+    const double rel = std::abs(gmamba::host_exp2_approx(x) - want) / want;
+    if (rel > worst) worst = rel, worst_x = x;
+  }
+  std::printf("host_exp2_approx: max relative error %.3g (at x = %.9g) over [-126, 127.5)\n", worst, worst_x);
+  EXPECT(worst < 2e-7, "host_exp2_approx max relative error %.3g at x = %.9g (want < 2e-7)", worst, worst_x);
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT(std::isnan(gmamba::host_exp2_approx(std::numeric_limits<float>::quiet_NaN())), "host_exp2_approx(NaN)");
+  EXPECT(gmamba::host_exp2_approx(0.0f) == 1.0f, "host_exp2_approx(0) = %.9g", gmamba::host_exp2_approx(0.0f));
+  for (float x : {-126.5f, -1e4f, -1e30f, -inf})
+    EXPECT(gmamba::host_exp2_approx(x) == 0.0f, "host_exp2_approx(%g) = %.9g, want 0", x, gmamba::host_exp2_approx(x));
+  for (float x : {127.51f, 128.0f, 1e4f, inf})
+    EXPECT(gmamba::host_exp2_approx(x) == inf, "host_exp2_approx(%g) = %.9g, want inf", x, gmamba::host_exp2_approx(x));
+}
+
 // Naive scan in double: u, delta, z (B, d, L); A (d, N); B, C (B, N, L); D, delta_bias (d).
 // s = exp(delta A) s + delta B u; out = (sum_n C s + D u) * silu(z). Returns out and the last state.
 std::tuple<at::Tensor, at::Tensor> naive_scan(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor Bm,
@@ -218,6 +240,7 @@ int main() {
   test_segment_plan();
   test_softplus_silu();
   test_host_exp();
+  test_host_exp2();
   test_row_sums();
   test_op(false, false);
   test_op(true, true);
