@@ -6,11 +6,11 @@
 # optionally the CPU tests and an Nsight Compute profile of the scan; everything it prints and measures
 # lands in $OUT (JSON + Markdown + logs; only 8 files come back, so bundle the JSON in the call).
 # Knobs (seconds; 0 skips a step): T_CUDA_TESTS (180), T_BENCH (100), T_GSSM_BENCH (150), T_PROFILE (90),
-# T_ANALYSIS (60), T_SANITIZER (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
+# T_AB_BWD (45: benchmarks/ab_scan_bwd_gpu.py), T_ANALYSIS (60), T_SANITIZER (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
 # with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
 # GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=channels runs every step with
 # the experimental channels-last backward kernel (csrc/cuda/scan_lane_backward.cuh) where it applies. Each step usually ends well before its limit (run 7: 91 s in
-# all without the scan benchmark); the limits sum to 640 s, so lower some to fit the 600 s command limit.
+# all without the scan benchmark); the limits sum to 685 s, so lower some to fit the 600 s command limit.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -45,6 +45,11 @@ if [ "${T_GSSM_BENCH:-150}" != 0 ]; then
   timeout ${T_GSSM_BENCH:-150} $PY "$REPO/benchmarks/bench_gssm.py" --device cuda --out "$OUT" \
     --dtypes ${GSSM_DTYPES:-float32,bfloat16} ${GSSM_ARGS:-} \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
+fi
+
+step "A/B of the CUDA scan backward kernels (chunk vs experimental channels-last) on gssm's scan shapes"
+if [ "${T_AB_BWD:-45}" != 0 ]; then
+  timeout ${T_AB_BWD:-45} $PY "$REPO/benchmarks/ab_scan_bwd_gpu.py" --out "$OUT" 2>&1 | tail -12 || status=1
 fi
 
 step "where gssm's time goes (torch.profiler: device busy time, kernels and host ops per call)"

@@ -1,0 +1,163 @@
+"""A/B of the CUDA scan backward kernels on the gssm's scan shapes (channels-last, variable B/C, N = 8):
+the default chunk kernels against the experimental channels-last kernel (csrc/cuda/scan_lane_backward.cuh,
+selected per call by GMAMBA_CUDA_SCAN_BWD=channels). One process, the two taking turns in rounds, device
+events around the raw backward op; before timing, the two kernels' gradients are compared (relative L2
+difference per gradient) and each kernel is run twice to check that its gradients are bitwise equal.
+
+    python benchmarks/ab_scan_bwd_gpu.py [--out DIR] [--dtypes float32,bfloat16] [--rounds 5] [--reps 10]
+
+Decides whether the experimental kernel becomes the default: it must agree, be deterministic and be faster.
+--device cpu runs the same script on the CPU kernel (both variants are then the same code): a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import gmamba_ext  # noqa: F401  (registers torch.ops.gmamba_ext)
+
+# (batch, L, d, N): gssm's scans at DESIGN's (C, H=W) stages, d = C/2, L = H*W.
+SHAPES = [(8, 16384, 48, 8), (8, 4096, 96, 8), (8, 1024, 192, 8), (8, 256, 384, 8)]
+VARIANTS = {"chunk": None, "channels": "channels"}
+GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state"]
+
+
+def set_variant(name):
+    if VARIANTS[name] is None:
+        os.environ.pop("GMAMBA_CUDA_SCAN_BWD", None)
+    else:
+        os.environ["GMAMBA_CUDA_SCAN_BWD"] = VARIANTS[name]
+
+
+def make_case(batch, L, d, N, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    x = dict(u=rnd(batch, L, d).to(dtype), delta=rnd(batch, L, d, scale=0.5).to(dtype),
+             A=-torch.exp(rnd(d, N, scale=0.5)), B=rnd(batch, L, 1, N), C=rnd(batch, L, 1, N), D=rnd(d),
+             z=rnd(batch, L, d).to(dtype), delta_bias=rnd(d, scale=0.1))
+    op = torch.ops.gmamba_ext
+    _, _, checkpoints = op.selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                              x["delta_bias"], None, True, True)
+    dout = rnd(batch, L, d).to(dtype)
+
+    def backward():
+        return op.selective_scan_bwd(dout, None, checkpoints, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
+                                     x["z"], x["delta_bias"], None, True, True)
+
+    return backward
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def rel_l2(a, b):
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compare(backward):
+    grads, deterministic = {}, {}
+    for name in VARIANTS:
+        set_variant(name)
+        first, second = backward(), backward()
+        deterministic[name] = all(torch.equal(p, q) for p, q in zip(first, second))
+        grads[name] = first
+    errors = {g: rel_l2(a, b) for g, a, b in zip(GRADS, grads["channels"], grads["chunk"])}
+    return errors, deterministic
+
+
+def bench_case(shape, dtype, device, args):
+    backward = make_case(*shape, dtype, device)
+    errors, deterministic = compare(backward)
+    times = {name: [] for name in VARIANTS}
+    for name in VARIANTS:  # warm-up
+        set_variant(name)
+        for _ in range(2):
+            backward()
+    sync(device)
+    for _ in range(args.rounds):
+        for name in VARIANTS:
+            set_variant(name)
+            times[name] += [time_once(backward, device) for _ in range(args.reps)]
+    set_variant("chunk")
+    stats = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        stats[name] = {"median_ms": statistics.median(ts), "p25_ms": q[0], "p75_ms": q[2], "n": len(ts)}
+    return {"shape": dict(zip(("batch", "L", "d", "N"), shape)), "dtype": str(dtype).replace("torch.", ""),
+            "stats": stats, "speedup": stats["chunk"]["median_ms"] / stats["channels"]["median_ms"],
+            "rel_l2_channels_vs_chunk": errors, "bitwise_deterministic": deterministic}
+
+
+def markdown(rows, device_name):
+    lines = [f"# CUDA scan backward: chunk kernels vs the experimental channels-last kernel ({device_name})", "",
+             "Raw selective_scan_bwd op, channels-last, variable B/C, N = 8; median (IQR) ms of device-event "
+             "timings, the two taking turns in rounds.", "",
+             "| dtype | (B, L, d, N) | chunk (ms) | channels (ms) | speed-up | largest rel. L2 diff (grad) | "
+             "bitwise run to run (chunk / channels) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["stats"]
+        worst = max(r["rel_l2_channels_vs_chunk"].items(), key=lambda kv: kv[1])
+        cell = lambda v: f"{v['median_ms']:.3f} ({v['p25_ms']:.3f}-{v['p75_ms']:.3f})"  # noqa: E731
+        shape = tuple(r["shape"].values())
+        det = r["bitwise_deterministic"]
+        lines.append(f"| {r['dtype']} | {shape} | {cell(s['chunk'])} | {cell(s['channels'])} | {r['speedup']:.2f}x | "
+                     f"{worst[1]:.2e} ({worst[0]}) | {det['chunk']} / {det['channels']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--shapes", default=None, help="B:L:d:N,... instead of the gssm's four")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ab_scan_bwd_gpu.py: no CUDA device visible (use --device cpu for a smoke test)")
+    shapes = ([tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else SHAPES)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test)"
+    rows = []
+    for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
+        for shape in shapes:
+            rows.append(bench_case(shape, dtype, args.device, args))
+            print(json.dumps({k: rows[-1][k] for k in ("shape", "dtype", "speedup", "bitwise_deterministic")}),
+                  flush=True)
+    table = markdown(rows, device_name)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ab_scan_bwd.json"), "w") as f:
+        json.dump({"device": device_name, "torch": torch.__version__, "results": rows}, f, indent=1)
+    with open(os.path.join(args.out, "ab_scan_bwd.md"), "w") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    main()
