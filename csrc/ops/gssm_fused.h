@@ -90,6 +90,8 @@ struct Weights {
 // low = irfft2(M rfft2(x)) per channel of x (B, L, d) in x's dtype (transforms in the accumulation dtype);
 // undefined when the mask is empty. The map is self-adjoint, so the backward applies it to dlow as well.
 at::Tensor fem_low(const at::Tensor& x, const Layout& s);
+// The same map as pruned real DFT matrices and GEMMs (fem_low_dft.cpp): what fem_low runs on the CPU.
+at::Tensor fem_low_dft(const at::Tensor& x, const Layout& s);
 
 // Tokens (B, L, d) in raster order into direction k's scan order (0 raster, 1 reversed, 2 column-major,
 // 3 reversed column-major), and back; contiguous results.

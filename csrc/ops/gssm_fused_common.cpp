@@ -61,6 +61,7 @@ std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::Tenso
 at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
   if (!s.has_low) return {};
   if (s.B == 0) return at::zeros_like(x);  // pocketfft / MKL reject empty batches
+  if (x.is_cpu()) return fem_low_dft(x, s);  // see fem_low_dft.cpp: ATen's FFTs copy more than they compute
   const int64_t n = s.H / 4, ncol = (s.W / 2 + 1) / 4;
   const at::Tensor xf = as_dtype(x.reshape({s.B, s.H, s.W, s.d}), s.acc);
   // Pruned: only the ncol low columns go through the FFT along H.
