@@ -15,11 +15,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 
-import gmamba_ext  # noqa: F401  (registers torch.ops.gmamba_ext)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gmamba_ext  # noqa: F401,E402  (registers torch.ops.gmamba_ext)
+from bench_scan_gpu import event_ms  # noqa: E402
 
 # (batch, L, d, N): gssm's scans at DESIGN's (C, H=W) stages, d = C/2, L = H*W.
 SHAPES = [(8, 16384, 48, 8), (8, 4096, 96, 8), (8, 1024, 192, 8), (8, 256, 384, 8)]
@@ -62,12 +65,7 @@ def sync(device):
 
 def time_once(fn, device):
     if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        return event_ms(fn)
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3

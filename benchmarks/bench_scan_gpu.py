@@ -25,18 +25,21 @@ SHAPES = [(8, 48, 16384, 8), (8, 96, 4096, 8), (8, 192, 1024, 8), (8, 384, 256, 
 QUICK_SHAPES = [(8, 48, 16384, 8), (8, 1536, 2048, 16), (8, 1536, 196, 16)]
 
 
+def event_ms(fn):
+    """One call of fn, timed by device events (ms)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def timed(fn, warmup, reps):
     """Median and IQR (ms) of `reps` device-event timings after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [event_ms(fn) for _ in range(reps)]
     q = statistics.quantiles(times, n=4)
     return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "p25_ms": q[0], "p75_ms": q[2],
             "reps": reps}
