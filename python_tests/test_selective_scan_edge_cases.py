@@ -1,10 +1,12 @@
 """Edge cases of selective_scan on the CPU: empty tensors (batch 0, L 0, d 0), non-contiguous inputs,
-NaN propagation, resuming from last_state, and channel packs with fewer real channels than lanes."""
+NaN propagation, decays at float32's exponent bounds, resuming from last_state, and channel packs with
+fewer real channels than lanes."""
 import pytest
 import torch
 
 import gmamba_ext
-from conftest import DIFF_NAMES, api, case, make_inputs, op_grads, random_cotangents, ref_grads, run_op
+from conftest import (DIFF_NAMES, api, assert_close64, assert_grads_close, case, make_inputs, op_grads,
+                      random_cotangents, ref_grads, run_op, run_ref)
 
 full = dict(D=True, z=True, delta_bias=True, softplus=True, initial_state=True, last_state=True)
 
@@ -127,6 +129,35 @@ def test_nan_in_u_propagates(layout, dtype):
         mask[b0, :, c0] = False
     assert torch.equal(out[mask], clean[mask])
     assert torch.isfinite(out[mask]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decays at float32's exponent bounds: some chunks and lanes underflow (dt A down to -180, where the CPU
+# kernel's 2^x must give 0; its exponent-bit construction gives garbage there unless bounded), others do
+# not, and without softplus dt takes both signs.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_decays_at_exponent_bounds(layout, softplus):
+    c = case(batch=2, d=16, L=200, N=4, layout=layout, D=True, z=True, delta_bias=True, softplus=softplus,
+             initial_state=True, last_state=True)
+    t = make_inputs(c, seed=11)
+    g = torch.Generator().manual_seed(12)
+    delta = 2 * torch.rand(2, 16, 200, generator=g) - 1  # channels-first here, (B, d, L)
+    delta[:, :8, 70:76] = 60.0  # the first lane pack, chunk 1: dt A down to -180, decays of 0
+    delta[1, 3, 140] = 45.0  # one lane of one chunk
+    delta[:, 8:, 150:160] = 20.0  # the second pack: dt A down to -60, decays of 1e-26, still in range
+    t["delta"] = delta if layout == "cf" else delta.transpose(1, 2).contiguous()
+    t["A"] = -(0.5 + torch.rand(16, 4, generator=g)) * 2
+    t = {k: None if v is None else v.requires_grad_(True) for k, v in t.items()}
+
+    out, last = run_op(c, t)
+    out64, last64 = run_ref(c, t)
+    scale = out64.abs().max().item()
+    assert_close64(out, out64, rtol=1e-4, atol=1e-5 * scale, msg="out")
+    assert_close64(last, last64, rtol=1e-4, atol=1e-5 * last64.abs().max().item(), msg="last_state")
+    dout, dlast = random_cotangents(c, t, 13, with_dlast=True)
+    assert_grads_close(op_grads(c, t, dout, dlast), ref_grads(c, t, dout, dlast), c["dtype"])
 
 
 # ---------------------------------------------------------------------------------------------------------

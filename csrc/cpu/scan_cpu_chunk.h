@@ -139,6 +139,23 @@ GMAMBA_HOST_INLINE void store_lane_row(const acc_t* from, const PackChunk& p, ac
   }
 }
 
+// a * b + c as one FMA, for the recurrences' dependency chains (state, adjoint). Written as a * b + c where
+// c is itself a product, GCC fused c's product and left a multiply and an FMA on the chain: 7 cycles per
+// step on Zen3 instead of 4 (the backward was 7 % slower). Without FMA hardware (GMAMBA_NATIVE=0 on x86)
+// it is the plain expression.
+template <typename acc_t>
+GMAMBA_HOST_INLINE acc_t chain_fma(acc_t a, acc_t b, acc_t c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return __builtin_fmaf(a, b, c);
+  } else {
+    return __builtin_fma(a, b, c);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
 template <typename acc_t>
 struct ValueAndGrad {
   acc_t value, grad;
@@ -260,7 +277,7 @@ void forward_chunk(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p, const 
     GMAMBA_LANES for (int w = 0; w < kLanes; ++w) st[w] = st_n[w], rate[w] = decay_rate(A_n[w]);
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
-        st[w] = scan_step(decay_from_rate(x.dt[t][w] * rate[w]), st[w], x.dtu[t][w] * Bc[t][w]);
+        st[w] = chain_fma(decay_from_rate(x.dt[t][w] * rate[w]), st[w], x.dtu[t][w] * Bc[t][w]);
         y[t][w] += Cc[t][w] * st[w];
       }
     }
@@ -348,7 +365,7 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
     GMAMBA_STEPS for (int t = 0; t < kSteps; ++t) {
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
         decay[t][w] = decay_from_rate(x.dt[t][w] * rate[w]);
-        st[t][w] = scan_step(decay[t][w], t == 0 ? s0[w] : st[t - 1][w], x.dtu[t][w] * Bc[t][w]);
+        st[t][w] = chain_fma(decay[t][w], t == 0 ? s0[w] : st[t - 1][w], x.dtu[t][w] * Bc[t][w]);
         y[t][w] += Cc[t][w] * st[t][w];
       }
     }
@@ -362,7 +379,7 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) {
         const acc_t prev = t == 0 ? s0[w] : st[t - 1][w];
         const acc_t c_dy = Cc[t][w] * dy[t][w];
-        g[w] = t == kSteps - 1 ? g[w] + c_dy : g[w] * decay[t + 1][w] + c_dy;
+        g[w] = t == kSteps - 1 ? g[w] + c_dy : chain_fma(g[w], decay[t + 1][w], c_dy);
         const acc_t g_decay_prev = g[w] * decay[t][w] * prev;
         ddt[t][w] += g_decay_prev * A_n[w];
         gB[t][w] += g[w] * Bc[t][w];
