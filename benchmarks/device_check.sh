@@ -5,12 +5,12 @@
 # gssm vs the unfused composition), a profile of gssm, the analysis CLI, a memory check of the kernels,
 # optionally the CPU tests and an Nsight Compute profile of the scan; everything it prints and measures
 # lands in $OUT (JSON + Markdown + logs; only 8 files come back, so bundle the JSON in the call).
-# Knobs (seconds; 0 skips a step): T_CUDA_TESTS (180), T_BENCH (100), T_GSSM_BENCH (150), T_PROFILE (90),
-# T_AB_BWD (45: benchmarks/ab_scan_bwd_gpu.py), T_ANALYSIS (60), T_SANITIZER (60), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
+# Knobs (seconds; 0 skips a step): T_CUDA_TESTS (150), T_BENCH (90), T_GSSM_BENCH (120), T_PROFILE (60),
+# T_AB_BWD (45: benchmarks/ab_scan_bwd_gpu.py), T_ANALYSIS (40), T_SANITIZER (40), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
 # with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
 # GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=channels runs every step with
 # the experimental channels-last backward kernel (csrc/cuda/scan_lane_backward.cuh) where it applies. Each step usually ends well before its limit (run 7: 91 s in
-# all without the scan benchmark); the limits sum to 685 s, so lower some to fit the 600 s command limit.
+# all without the scan benchmark); the default limits sum to 545 s, which with the install fits the 600 s command limit.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -30,19 +30,19 @@ cd /tmp  # import the installed package, not the source tree
 $PY -m gmamba_ext 2>&1 | tee -a "$OUT/env.txt"
 
 step "CUDA tests"
-timeout ${T_CUDA_TESTS:-180} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
+timeout ${T_CUDA_TESTS:-150} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
   "$REPO/python_tests/test_gssm_cuda.py" "$REPO/python_tests/test_gssm_fused.py" "$REPO/python_tests/test_analysis.py::test_cuda_matches_cpu" -q -rs -p no:cacheprovider -n 4 \
   2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
 
 step "GPU benchmarks"
-if [ "${T_BENCH:-100}" != 0 ]; then
-  timeout ${T_BENCH:-100} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" ${BENCH_ARGS:-} $([ "${PLOT:-1}" = 0 ] && echo --no-plot) \
+if [ "${T_BENCH:-90}" != 0 ]; then
+  timeout ${T_BENCH:-90} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT" ${BENCH_ARGS:-} $([ "${PLOT:-1}" = 0 ] && echo --no-plot) \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 
 step "GSSM benchmark (fused gssm vs the unfused composition with mamba-ssm's scan)"
-if [ "${T_GSSM_BENCH:-150}" != 0 ]; then
-  timeout ${T_GSSM_BENCH:-150} $PY "$REPO/benchmarks/bench_gssm.py" --device cuda --out "$OUT" \
+if [ "${T_GSSM_BENCH:-120}" != 0 ]; then
+  timeout ${T_GSSM_BENCH:-120} $PY "$REPO/benchmarks/bench_gssm.py" --device cuda --out "$OUT" \
     --dtypes ${GSSM_DTYPES:-float32,bfloat16} ${GSSM_ARGS:-} \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
@@ -53,20 +53,20 @@ if [ "${T_AB_BWD:-45}" != 0 ]; then
 fi
 
 step "where gssm's time goes (torch.profiler: device busy time, kernels and host ops per call)"
-if [ "${T_PROFILE:-90}" != 0 ]; then
-  timeout ${T_PROFILE:-90} $PY "$REPO/benchmarks/profile_gssm.py" --device cuda --out "$OUT" \
+if [ "${T_PROFILE:-60}" != 0 ]; then
+  timeout ${T_PROFILE:-60} $PY "$REPO/benchmarks/profile_gssm.py" --device cuda --out "$OUT" \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | grep -E "^## |^wall|^device busy|^host:" || status=1
 fi
 
 step "global-perception analysis on the GPU (python -m gmamba_ext.analysis --device cuda)"
-if [ "${T_ANALYSIS:-60}" != 0 ]; then
-  timeout ${T_ANALYSIS:-60} $PY -m gmamba_ext.analysis --device cuda --out /tmp/analysis_cuda 2>&1 | tail -15 || status=1
+if [ "${T_ANALYSIS:-40}" != 0 ]; then
+  timeout ${T_ANALYSIS:-40} $PY -m gmamba_ext.analysis --device cuda --out /tmp/analysis_cuda 2>&1 | tail -15 || status=1
   cp /tmp/analysis_cuda/*.json "$OUT/analysis_cuda.json" 2>/dev/null
 fi
 
 step "memory check (compute-sanitizer memcheck, small shapes)"
-if [ "${T_SANITIZER:-60}" != 0 ] && command -v compute-sanitizer >/dev/null; then
-  timeout ${T_SANITIZER:-60} compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/benchmarks/sanitize_scan.py" \
+if [ "${T_SANITIZER:-40}" != 0 ] && command -v compute-sanitizer >/dev/null; then
+  timeout ${T_SANITIZER:-40} compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/benchmarks/sanitize_scan.py" \
     2>&1 | tail -8 | tee "$OUT/sanitizer.txt" || status=1
 fi
 
