@@ -6,6 +6,9 @@
 All compute out = (sum_n C s + D u) * silu(z), s_l = exp(delta A) s_{l-1} + delta B u, delta =
 softplus(delta_raw + delta_bias), on the same inputs; outputs and gradients are checked to agree first.
 Reports median and IQR of wall-clock times after warm-up; writes JSON and prints a Markdown table.
+Against mambapy it also reports a paired ratio (--paired ROUNDS): ours and mambapy take turns call by call,
+each in a worker process of its own (paired_timing.py), and the ratio is taken per round, so drift in the
+machine's speed between cells does not enter it.
 
     python benchmarks/bench_scan_cpu.py [--quick] [--batch 8] [--shapes 48:16384:8,...] [--threads 2] [--out ...]
 """
@@ -28,6 +31,9 @@ except ImportError:  # built in place, not installed: use the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import gmamba_ext
 from gmamba_ext.reference import selective_scan_ref
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from paired_timing import paired_times, serve  # noqa: E402
 
 try:
     from mambapy.pscan import pscan
@@ -203,9 +209,41 @@ def bench_shape(shape, args, log):
             stats[name] = timeit(run, args.warmup, args.repeats, args.min_repeats, args.max_s)
             log(f"  {shape} {mode:7s} {name:10s} median {stats[name]['median_ms']:10.2f} ms  "
                 f"(IQR {stats[name]['p25_ms']:.2f}-{stats[name]['p75_ms']:.2f}, n={stats[name]['n']})")
-        rows.append({"shape": dict(batch=batch, d=d, L=L, N=N), "mode": mode, "stats": stats,
-                     "max_rel_error_vs_ours_cf": errors, "skipped": skipped})
+        row = {"shape": dict(batch=batch, d=d, L=L, N=N), "mode": mode, "stats": stats,
+               "max_rel_error_vs_ours_cf": errors, "skipped": skipped}
+        if args.paired and "mambapy_cl" in impls:
+            del runs  # free our copies of the inputs and gradients before two workers make theirs
+            # Calls shorter than ~20 ms are timed in groups, the same count for both.
+            calls = max(1, min(50, round(20.0 / stats["ours_cf"]["median_ms"])))
+            row["paired"] = paired_times({name: worker_argv(args, name, shape, backward)
+                                          for name in ("ours_cf", "mambapy_cl")}, args.paired, calls)
+            r = row["paired"]["ratio_to_ours_cf"]["mambapy_cl"]
+            log(f"  {shape} {mode:7s} paired, {args.paired} rounds of {calls} calls: mambapy / ours "
+                f"{r['median']:.2f}x (IQR {r['p25']:.2f}-{r['p75']:.2f})")
+        rows.append(row)
     return rows
+
+
+IMPLS = {"ours_cf": (ours_cf, False), "ours_cl": (ours_cl, True), "mambapy_cl": (mambapy_cl, True)}
+
+
+def worker_argv(args, name, shape, backward):
+    """The command line of a paired-timing worker running implementation `name` on `shape`."""
+    return [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
+            "--shapes", ":".join(map(str, shape))] + (["--worker-backward"] if backward else [])
+
+
+def run_worker(args):
+    """Worker mode: the same inputs as bench_shape (seeded), one warm-up, then serve timed calls."""
+    shape = tuple(int(v) for v in args.shapes.split(":"))
+    fn, cl = IMPLS[args.worker]
+    x = make_inputs(*shape)
+    dout = torch.randn(x["u"].shape, generator=torch.Generator().manual_seed(1))
+    if cl:
+        x, dout = channels_last(x), dout.transpose(1, 2).contiguous()
+    run = runner(fn, x, dout, args.worker_backward)
+    run()
+    serve(run)
 
 
 def fmt(stats, name):
@@ -217,15 +255,22 @@ def ratio(stats, name):
     return "-" if name not in stats else f"{stats[name]['median_ms'] / stats['ours_cf']['median_ms']:.1f}x"
 
 
+def paired_ratio(row):
+    if "paired" not in row:
+        return "-"
+    r = row["paired"]["ratio_to_ours_cf"]["mambapy_cl"]
+    return f"{r['median']:.1f}x ({r['p25']:.1f}-{r['p75']:.1f})"
+
+
 def markdown(rows):
     lines = ["| B, d, L, N | pass | ours (ms) | ours ch-last (ms) | mambapy (ms) | reference (ms) "
-             "| mambapy / ours | ref / ours |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mambapy / ours | mambapy / ours, paired (IQR) | ref / ours |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, st = r["shape"], r["stats"]
         lines.append(f"| {s['batch']}, {s['d']}, {s['L']}, {s['N']} | {r['mode']} | {fmt(st, 'ours_cf')} | "
                      f"{fmt(st, 'ours_cl')} | {fmt(st, 'mambapy_cl')} | {fmt(st, 'ref_cf')} | "
-                     f"{ratio(st, 'mambapy_cl')} | {ratio(st, 'ref_cf')} |")
+                     f"{ratio(st, 'mambapy_cl')} | {paired_ratio(r)} | {ratio(st, 'ref_cf')} |")
     notes = sorted({f"- {r['shape']['batch']}, {r['shape']['d']}, {r['shape']['L']}, {r['shape']['N']} "
                     f"{r['mode']}: {who} skipped: {why}" for r in rows for who, why in r["skipped"].items()})
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -241,9 +286,18 @@ def main():
                    help="skip the reference where one call would take longer (default 1 s quick, 5 s full)")
     p.add_argument("--tol", type=float, default=1e-4, help="max relative disagreement allowed before timing")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 1 quick, 8 full)")
+    p.add_argument("--paired", type=int, default=None,
+                   help="rounds of paired timing against mambapy, 0 for none (default 10 quick, 20 full)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # paired-timing worker (internal)
+    p.add_argument("--worker-backward", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shapes", default=None,
                    help="comma-separated d:L:N triples to run instead of DESIGN.md's list, e.g. 48:16384:8,1536:196:16")
     args = p.parse_args()
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        return run_worker(args)
+    if args.paired is None:
+        args.paired = 10 if args.quick else 20
     batch = args.batch or (1 if args.quick else 8)
     shapes = ([tuple(int(v) for v in spec.split(":")) for spec in args.shapes.split(",")] if args.shapes
               else [s[1:] for s in SHAPES])
@@ -268,6 +322,7 @@ def main():
             "mambapy": None if pscan is None else __import__("importlib.metadata").metadata.version("mambapy"),
             "cpu": platform.processor() or platform.machine(), "warmup": args.warmup, "repeats": args.repeats,
             "max_s_per_cell": args.max_s, "mem_gb": args.mem_gb, "ref_max_s": args.ref_max_s,
+            "paired_rounds": args.paired,
             "loadavg_1min_at_end": os.getloadavg()[0]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
