@@ -7,8 +7,9 @@ All compute out = (sum_n C s + D u) * silu(z), s_l = exp(delta A) s_{l-1} + delt
 softplus(delta_raw + delta_bias), on the same inputs; outputs and gradients are checked to agree first.
 Reports median and IQR of wall-clock times after warm-up; writes JSON and prints a Markdown table.
 Against mambapy it also reports a paired ratio (--paired ROUNDS): ours and mambapy take turns call by call,
-each in a worker process of its own (paired_timing.py), and the ratio is taken per round, so drift in the
-machine's speed between cells does not enter it.
+each in a worker process of its own that keeps freed memory (paired_timing.py), and the ratio is taken
+per round, so neither drift in the machine's speed between cells nor the allocator's page faults (which
+made mambapy's times depend on what ran before it in the process, by up to 2.5x) enter it.
 
     python benchmarks/bench_scan_cpu.py [--quick] [--batch 8] [--shapes 48:16384:8,...] [--threads 2] [--out ...]
 """

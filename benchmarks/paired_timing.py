@@ -7,14 +7,27 @@ taken per round. Separate processes keep each one's allocator state its own: gli
 thresholds after large frees, so one implementation's big temporaries would change how the other's
 outputs are allocated (and page-faulted) if they shared a process.
 
+Workers also keep freed memory (`retained_memory_env`): with glibc's defaults, how often a large output
+page-faults its memory back in depends on what the process freed before (its mmap threshold moves with
+large frees), and that dominated mambapy's times: at (8, 96, 4096, 8) its forward took ~500 ms in a fresh
+process, ~200 ms in the benchmark process after the (8, 48, 16384, 8) cells, ~150-170 ms with memory
+retained. Retaining memory times the computation, and favours whoever allocates most (mambapy).
+
 The worker side is `serve(run)`; the parent side is `paired_times({name: argv}, rounds)`.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
 import time
+
+
+def retained_memory_env():
+    """os.environ plus glibc malloc settings that keep freed memory in the process for reuse: every
+    allocation below 4 GB comes from the heap, and the heap is not trimmed."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="4000000000", MALLOC_TRIM_THRESHOLD_="4000000000")
 
 
 def serve(run):
@@ -60,6 +73,7 @@ def quartiles(values):
 
 
 def paired_times(workers, rounds, calls=1, env=None):
+    env = retained_memory_env() if env is None else env
     """workers: name -> argv of a process that calls serve(). Runs `rounds` rounds in which every worker
     times `calls` calls (their mean: short calls are timed in groups), in alternating order (ABBA). Returns the per-implementation median and IQR in ms and,
     for every name after the first, the median and IQR of its per-round time ratio to the first."""
