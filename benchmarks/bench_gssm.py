@@ -8,7 +8,10 @@ kernels and algebra orchestrated from Python, to separate the gain of the C++ or
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
 ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; on GPU also peak memory of
 forward+backward and the number of kernels launched per forward / forward+backward (torch.profiler).
-Outputs and gradients are checked to agree before timing. Writes gssm_<device>.json and .md.
+Outputs and gradients are checked to agree before timing. On CPU also a paired speed-up against
+unfused_mambapy (--paired ROUNDS): the two take turns call by call, each in a worker process of its own that
+keeps freed memory (paired_timing.py), so neither the machine's drift nor the allocator's page faults enter
+the ratio. Writes gssm_<device>.json and .md.
 
     python benchmarks/bench_gssm.py --device cpu [--quick] [--out DIR]
     python benchmarks/bench_gssm.py --device cuda [--quick] [--mamba-ssm PATH] [--dtypes float32,bfloat16]
@@ -34,6 +37,7 @@ except ImportError:  # built in place, not installed: use the checkout
     import gmamba_ext
 from bench_scan_cpu import timeit  # noqa: E402
 from bench_scan_gpu import peak_memory, timed  # noqa: E402
+from paired_timing import paired_times, serve  # noqa: E402
 from gmamba_ext.gssm import gssm_composition  # noqa: E402
 from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams, gssm_ref  # noqa: E402
 
@@ -160,6 +164,40 @@ def agreement(runs, metric):
             for name, (out, grads) in runs.items() if name != "fused"}
 
 
+PAIRED = ("fused", "unfused_mambapy")
+
+
+def worker_argv(args, name, C, H, batch, dtype, pass_):
+    """Command line of a paired-timing worker: implementation `name`, one pass ("fwd" or "fwd_bwd")."""
+    return [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--worker", name, "--worker-pass", pass_,
+            "--worker-threads", str(torch.get_num_threads()), "--shapes", f"{C}x{H}", "--batch", str(batch),
+            "--dtypes", dtype]
+
+
+def run_worker(args):
+    """Worker mode: the same seeded case as bench(), one warm-up call, then serve timed calls."""
+    torch.set_num_threads(args.worker_threads)
+    (C, H), = shapes_of(args.shapes)
+    cfg, params, x = make_case(args.batch, C, H, "cpu", getattr(torch, args.dtypes))
+    fwd, fwd_bwd = closures(implementations("cpu", None)[0][args.worker], cfg, params, x)
+    run = fwd if args.worker_pass == "fwd" else fwd_bwd
+    run()
+    serve(run)
+
+
+def paired(args, row):
+    """row["paired"][pass] from paired_times, for the forward and forward+backward passes."""
+    out = {}
+    for pass_ in ("fwd", "fwd_bwd"):
+        calls = max(1, min(20, round(50.0 / row["impl"]["fused"][pass_]["median_ms"])))  # >= ~50 ms a turn
+        argv = {n: worker_argv(args, n, row["C"], row["H"], row["batch"], row["dtype"], pass_) for n in PAIRED}
+        out[pass_] = paired_times(argv, args.paired, calls)
+        r = out[pass_]["ratio_to_fused"]["unfused_mambapy"]
+        print(f"  paired C={row['C']:4d} H={row['H']:4d} {pass_:7s} unfused_mambapy / fused {r['median']:.2f}x "
+              f"(IQR {r['p25']:.2f}-{r['p75']:.2f}, {args.paired} rounds of {calls} calls)", flush=True)
+    return out
+
+
 def cuda_kernel_count(fn):
     """Kernels (and memsets/copies) the device ran for one call."""
     from torch.profiler import ProfilerActivity, profile
@@ -228,6 +266,9 @@ def bench(args):
             row["agrees"] = not bad
             if bad:  # recorded and shown, not fatal: one disagreement must not cost the rest of a GPU run
                 print(f"  WARNING: implementations disagree with the fused gssm beyond {tol} at C={C}, H={H}: {bad}")
+            if device == "cpu" and args.paired and all(n in runs for n in PAIRED):
+                del runs  # our copies of every output and gradient, before two workers make theirs
+                row["paired"] = paired(args, row)
             rows.append(row)
             write(args, report(rows))  # after every row: a run cut short keeps what it measured
     return report(rows)
@@ -271,7 +312,17 @@ def markdown(report):
                 + f" | {fu['kernels_fwd']} | " + " | ".join(other(b, "kernels_fwd") for b in baselines) + " |"
         lines.append(line)
     lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
-              "faster). Gradients: x and every parameter.", "",
+              "faster). Gradients: x and every parameter.", ""]
+    if any("paired" in r for r in rows):
+        lines += ["Paired speed-up, unfused_mambapy / fused (the two taking turns call by call, each in a process "
+                  "of its own that keeps freed memory; median of the per-round ratios, IQR):"]
+        for r in rows:
+            if "paired" in r:
+                q = {k: v["ratio_to_fused"]["unfused_mambapy"] for k, v in r["paired"].items()}
+                lines.append(f"- {r['dtype']} C={r['C']} H={r['H']}: " + ", ".join(
+                    f"{k} {v['median']:.2f}x ({v['p25']:.2f}-{v['p75']:.2f})" for k, v in q.items()))
+        lines += [""]
+    lines += [
               "Difference of outputs and gradients from the fused path, checked before timing (largest over "
               "the tensors of the relative L2 difference, which decides agreement; in brackets the largest "
               "elementwise difference relative to the tensor's largest value):"]
@@ -310,7 +361,16 @@ def main():
     parser.add_argument("--shapes", default=None, help='C x H pairs, e.g. "96x128,768x16" (default: DESIGN.md)')
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
+    parser.add_argument("--paired", type=int, default=None,
+                        help="CPU: rounds of paired timing, fused against unfused_mambapy (default 10; 0: none)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # paired-timing worker (internal)
+    parser.add_argument("--worker-pass", default="fwd", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-threads", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return run_worker(args)
+    if args.paired is None:
+        args.paired = 10 if args.device == "cpu" else 0
     print(write(args, bench(args)))
 
 
