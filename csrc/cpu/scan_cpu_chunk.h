@@ -39,7 +39,7 @@ struct PackChunk {
 // The recurrences' step loops (per state) unroll by 16; the once-per-chunk loops over whole tiles
 // (prologues, epilogues, tile loads and stores) by 4. Unrolled by 16 as well, those made forward_chunk
 // 27 KB and backward_chunk 48 KB of code, run once per chunk, more than the 32 KB L1i; by 4 they are 19
-// and 30 KB, and the backward was 5-14 % faster (paired medians, 1 thread), the forward 3-6 %.
+// and 30 KB, and the backward was 7-14 % faster (paired medians, 1 thread), the forward 3-5 %.
 #define GMAMBA_STEPS _Pragma("GCC unroll 16")
 #define GMAMBA_TILE_STEPS _Pragma("GCC unroll 4")
 
