@@ -174,13 +174,14 @@ GMAMBA_HOST_INLINE double decay_rate(double a) { return a; }
 GMAMBA_HOST_INLINE float decay_from_rate(float x) { return host_exp2_approx(x); }
 GMAMBA_HOST_INLINE double decay_from_rate(double x) { return std::exp(x); }
 
-// softplus(v) and its derivative sigmoid(v) from one exp (the backward needs both), linear above 20 like
-// torch's. Float uses fast_exp.h's vectorisable approximations, double the library functions.
+// softplus(v) and its derivative sigmoid(v) from one exp (the backward needs both). Float uses
+// fast_exp.h's vectorisable approximations, double the library functions. Above 20 the float values are v
+// and 1 exactly (exp(-v) < 2.1e-9), as torch's linear branch gives, with no select for it.
 GMAMBA_HOST_INLINE ValueAndGrad<float> softplus_and_grad(float v) {
-  const float e = host_exp_approx(v < 0.0f ? v : -v);  // exp(-|v|)
+  const float e = host_exp_nonpositive(v < 0.0f ? v : -v);  // exp(-|v|)
   const float r = 1.0f / (1.0f + e);
   const float sp = (v > 0.0f ? v : 0.0f) + host_log1p_unit_approx(e);
-  return {v > 20.0f ? v : sp, v > 20.0f ? 1.0f : (v < 0.0f ? e * r : r)};
+  return {sp, v < 0.0f ? e * r : r};
 }
 GMAMBA_HOST_INLINE ValueAndGrad<double> softplus_and_grad(double v) { return {softplus(v), softplus_grad(v)}; }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/lane_transpose.h"
+#include "cpu/scan_cpu_chunk.h"  // softplus_and_grad
 #include "cuda/scan_segments.cuh"  // plain C++: the CUDA forwards' segment plan
 #include "gmamba/fast_exp.h"
 #include "gmamba/scan_math.h"
@@ -105,6 +106,30 @@ void test_host_exp2() {
     EXPECT(gmamba::host_exp2_approx(x) == 0.0f, "host_exp2_approx(%g) = %.9g, want 0", x, gmamba::host_exp2_approx(x));
   for (float x : {127.51f, 128.0f, 1e4f, inf})
     EXPECT(gmamba::host_exp2_approx(x) == inf, "host_exp2_approx(%g) = %.9g, want inf", x, gmamba::host_exp2_approx(x));
+}
+
+// The CPU softplus (forward) and softplus_and_grad (backward): relative error over the whole float range
+// where softplus is not denormal, exactly v and 1 above 20 (torch's linear branch), NaN and inf.
+void test_host_softplus() {
+  const auto exact = [](double v) { return v > 20 ? v : std::log1p(std::exp(v)); };
+  check_sweep("host_exp_nonpositive", gmamba::host_exp_nonpositive, [](double x) { return std::exp(x); }, -87.0, 0.0);
+  check_sweep("host_softplus_approx", gmamba::host_softplus_approx, exact, -87.0, 60.0);
+  check_sweep("softplus_and_grad value", [](float v) { return gmamba::cpu::softplus_and_grad(v).value; }, exact,
+              -87.0, 60.0);
+  check_sweep("softplus_and_grad grad", [](float v) { return gmamba::cpu::softplus_and_grad(v).grad; },
+              [](double v) { return 1 / (1 + std::exp(-v)); }, -87.0, 60.0);
+  for (float v : {20.0f, 20.5f, 37.25f, 1e4f, 3e38f}) {
+    EXPECT(gmamba::host_softplus_approx(v) == v, "host_softplus_approx(%g) = %.9g, want v", v,
+           gmamba::host_softplus_approx(v));
+    EXPECT(gmamba::cpu::softplus_and_grad(v).grad == 1.0f, "softplus_and_grad(%g).grad = %.9g, want 1", v,
+           gmamba::cpu::softplus_and_grad(v).grad);
+  }
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT(gmamba::host_softplus_approx(inf) == inf, "host_softplus_approx(inf) = %.9g", gmamba::host_softplus_approx(inf));
+  const float at_minus_inf = gmamba::host_softplus_approx(-inf);
+  EXPECT(at_minus_inf >= 0.0f && at_minus_inf < 2e-38f, "host_softplus_approx(-inf) = %.9g", at_minus_inf);
+  EXPECT(std::isnan(gmamba::host_softplus_approx(nan)), "host_softplus_approx(NaN) must be NaN");
+  EXPECT(std::isnan(gmamba::cpu::softplus_and_grad(nan).value), "softplus_and_grad(NaN) must be NaN");
 }
 
 // Naive scan in double: u, delta, z (B, d, L); A (d, N); B, C (B, N, L); D, delta_bias (d).
@@ -237,6 +262,7 @@ int main() {
   test_softplus_silu();
   test_host_exp();
   test_host_exp2();
+  test_host_softplus();
   test_row_sums();
   test_op(false, false);
   test_op(true, true);
