@@ -144,7 +144,7 @@ def test_decays_at_exponent_bounds(layout, softplus):
     t = make_inputs(c, seed=11)
     g = torch.Generator().manual_seed(12)
     delta = 2 * torch.rand(2, 16, 200, generator=g) - 1  # channels-first here, (B, d, L)
-    delta[:, :8, 70:76] = 60.0  # the first lane pack, chunk 1: dt A down to -180, decays of 0
+    delta[:, :8, 70:76] = 60.0  # the first lane pack, steps 70-75 of chunk 4: dt A down to -180, decays of 0
     delta[1, 3, 140] = 45.0  # one lane of one chunk
     delta[:, 8:, 150:160] = 20.0  # the second pack: dt A down to -60, decays of 1e-26, still in range
     t["delta"] = delta if layout == "cf" else delta.transpose(1, 2).contiguous()
