@@ -73,10 +73,12 @@ def quartiles(values):
 
 
 def paired_times(workers, rounds, calls=1, env=None):
-    env = retained_memory_env() if env is None else env
     """workers: name -> argv of a process that calls serve(). Runs `rounds` rounds in which every worker
-    times `calls` calls (their mean: short calls are timed in groups), in alternating order (ABBA). Returns the per-implementation median and IQR in ms and,
-    for every name after the first, the median and IQR of its per-round time ratio to the first."""
+    times `calls` calls (their mean: short calls are timed in groups), in alternating order (ABBA).
+    Returns the per-implementation median and IQR in ms and, for every name after the first, the median
+    and IQR of its per-round time ratio to the first. env: the workers' environment (default: retained
+    memory)."""
+    env = retained_memory_env() if env is None else env
     started = {}
     try:
         for name, argv in workers.items():

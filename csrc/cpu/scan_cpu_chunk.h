@@ -180,8 +180,7 @@ GMAMBA_HOST_INLINE double decay_from_rate(double x) { return std::exp(x); }
 GMAMBA_HOST_INLINE ValueAndGrad<float> softplus_and_grad(float v) {
   const float e = host_exp_nonpositive(v < 0.0f ? v : -v);  // exp(-|v|)
   const float r = 1.0f / (1.0f + e);
-  const float sp = (v > 0.0f ? v : 0.0f) + host_log1p_unit_approx(e);
-  return {sp, v < 0.0f ? e * r : r};
+  return {host_softplus_given_exp(v, e), v < 0.0f ? e * r : r};
 }
 GMAMBA_HOST_INLINE ValueAndGrad<double> softplus_and_grad(double v) { return {softplus(v), softplus_grad(v)}; }
 
