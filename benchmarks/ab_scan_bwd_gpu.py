@@ -1,12 +1,12 @@
-"""A/B of the CUDA scan backward kernels on the gssm's scan shapes (channels-last, variable B/C, N = 8):
-the default chunk kernels against the experimental channels-last kernel (csrc/cuda/scan_lane_backward.cuh,
-selected per call by GMAMBA_CUDA_SCAN_BWD=channels). One process, the two taking turns in rounds, device
-events around the raw backward op; before timing, the two kernels' gradients are compared (relative L2
-difference per gradient) and each kernel is run twice to check that its gradients are bitwise equal.
+"""A/B of the CUDA scan's two gradient kernels where both apply (variable B/C, N <= 8): bwd_chunk_grads
+against csrc/cuda/scan_lane_backward.cuh, forced per call with GMAMBA_CUDA_SCAN_BWD=chunk|lane, on the gssm's
+scan shapes in both layouts. One process, the two taking turns in rounds, device events around the raw
+backward op; before timing, the two kernels' gradients are compared (relative L2 difference per gradient)
+and each kernel is run twice to check that its gradients are bitwise equal.
 
     python benchmarks/ab_scan_bwd_gpu.py [--out DIR] [--dtypes float32,bfloat16] [--rounds 5] [--reps 10]
 
-Decides whether the experimental kernel becomes the default: it must agree, be deterministic and be faster.
+Decides which kernel is the default: it must agree, be deterministic and be faster.
 --device cpu runs the same script on the CPU kernel (both variants are then the same code): a smoke test.
 """
 from __future__ import annotations
@@ -24,20 +24,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gmamba_ext  # noqa: F401,E402  (registers torch.ops.gmamba_ext)
 from bench_scan_gpu import event_ms  # noqa: E402
 
-# (batch, L, d, N): gssm's scans at DESIGN's (C, H=W) stages, d = C/2, L = H*W.
+# (batch, L, d, N): gssm's scans at DESIGN's (C, H=W) stages, d = C/2, L = H*W; each in both layouts.
 SHAPES = [(8, 16384, 48, 8), (8, 4096, 96, 8), (8, 1024, 192, 8), (8, 256, 384, 8)]
-VARIANTS = {"chunk": None, "channels": "channels"}
+LAYOUTS = ["cl", "cf"]
+VARIANTS = {"chunk": "chunk", "lane": "lane"}
 GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state"]
 
 
 def set_variant(name):
-    if VARIANTS[name] is None:
+    if name is None:
         os.environ.pop("GMAMBA_CUDA_SCAN_BWD", None)
     else:
         os.environ["GMAMBA_CUDA_SCAN_BWD"] = VARIANTS[name]
 
 
-def make_case(batch, L, d, N, dtype, device, seed=0):
+def make_case(batch, L, d, N, layout, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -46,14 +47,21 @@ def make_case(batch, L, d, N, dtype, device, seed=0):
     x = dict(u=rnd(batch, L, d).to(dtype), delta=rnd(batch, L, d, scale=0.5).to(dtype),
              A=-torch.exp(rnd(d, N, scale=0.5)), B=rnd(batch, L, 1, N), C=rnd(batch, L, 1, N), D=rnd(d),
              z=rnd(batch, L, d).to(dtype), delta_bias=rnd(d, scale=0.1))
+    dout = rnd(batch, L, d).to(dtype)
+    channels_last = layout == "cl"
+    if not channels_last:  # (B, d, L) and (B, G, N, L)
+        for k in ("u", "delta", "z"):
+            x[k] = x[k].transpose(1, 2).contiguous()
+        for k in ("B", "C"):
+            x[k] = x[k].permute(0, 2, 3, 1).contiguous()
+        dout = dout.transpose(1, 2).contiguous()
     op = torch.ops.gmamba_ext
     _, _, checkpoints = op.selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                              x["delta_bias"], None, True, True)
-    dout = rnd(batch, L, d).to(dtype)
+                                              x["delta_bias"], None, True, channels_last)
 
     def backward():
         return op.selective_scan_bwd(dout, None, checkpoints, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
-                                     x["z"], x["delta_bias"], None, True, True)
+                                     x["z"], x["delta_bias"], None, True, channels_last)
 
     return backward
 
@@ -85,12 +93,12 @@ def compare(backward):
         first, second = backward(), backward()
         deterministic[name] = all(torch.equal(p, q) for p, q in zip(first, second))
         grads[name] = first
-    errors = {g: rel_l2(a, b) for g, a, b in zip(GRADS, grads["channels"], grads["chunk"])}
+    errors = {g: rel_l2(a, b) for g, a, b in zip(GRADS, grads["lane"], grads["chunk"])}
     return errors, deterministic
 
 
-def bench_case(shape, dtype, device, args):
-    backward = make_case(*shape, dtype, device)
+def bench_case(shape, layout, dtype, device, args):
+    backward = make_case(*shape, layout, dtype, device)
     errors, deterministic = compare(backward)
     times = {name: [] for name in VARIANTS}
     for name in VARIANTS:  # warm-up
@@ -102,30 +110,31 @@ def bench_case(shape, dtype, device, args):
         for name in VARIANTS:
             set_variant(name)
             times[name] += [time_once(backward, device) for _ in range(args.reps)]
-    set_variant("chunk")
+    set_variant(None)
     stats = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         stats[name] = {"median_ms": statistics.median(ts), "p25_ms": q[0], "p75_ms": q[2], "n": len(ts)}
-    return {"shape": dict(zip(("batch", "L", "d", "N"), shape)), "dtype": str(dtype).replace("torch.", ""),
-            "stats": stats, "speedup": stats["chunk"]["median_ms"] / stats["channels"]["median_ms"],
-            "rel_l2_channels_vs_chunk": errors, "bitwise_deterministic": deterministic}
+    return {"shape": dict(zip(("batch", "L", "d", "N"), shape)), "layout": layout,
+            "dtype": str(dtype).replace("torch.", ""), "stats": stats,
+            "speedup": stats["chunk"]["median_ms"] / stats["lane"]["median_ms"],
+            "rel_l2_lane_vs_chunk": errors, "bitwise_deterministic": deterministic}
 
 
 def markdown(rows, device_name):
-    lines = [f"# CUDA scan backward: chunk kernels vs the experimental channels-last kernel ({device_name})", "",
-             "Raw selective_scan_bwd op, channels-last, variable B/C, N = 8; median (IQR) ms of device-event "
-             "timings, the two taking turns in rounds.", "",
-             "| dtype | (B, L, d, N) | chunk (ms) | channels (ms) | speed-up | largest rel. L2 diff (grad) | "
-             "bitwise run to run (chunk / channels) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# CUDA scan backward: bwd_chunk_grads vs the lane kernel ({device_name})", "",
+             "Raw selective_scan_bwd op, variable B/C, N = 8, layout cl = (B, L, d), cf = (B, d, L); median (IQR) "
+             "ms of device-event timings, the two taking turns in rounds.", "",
+             "| dtype | layout | (B, L, d, N) | chunk (ms) | lane (ms) | speed-up | largest rel. L2 diff (grad) | "
+             "bitwise run to run (chunk / lane) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["stats"]
-        worst = max(r["rel_l2_channels_vs_chunk"].items(), key=lambda kv: kv[1])
+        worst = max(r["rel_l2_lane_vs_chunk"].items(), key=lambda kv: kv[1])
         cell = lambda v: f"{v['median_ms']:.3f} ({v['p25_ms']:.3f}-{v['p75_ms']:.3f})"  # noqa: E731
         shape = tuple(r["shape"].values())
         det = r["bitwise_deterministic"]
-        lines.append(f"| {r['dtype']} | {shape} | {cell(s['chunk'])} | {cell(s['channels'])} | {r['speedup']:.2f}x | "
-                     f"{worst[1]:.2e} ({worst[0]}) | {det['chunk']} / {det['channels']} |")
+        lines.append(f"| {r['dtype']} | {r['layout']} | {shape} | {cell(s['chunk'])} | {cell(s['lane'])} | "
+                     f"{r['speedup']:.2f}x | {worst[1]:.2e} ({worst[0]}) | {det['chunk']} / {det['lane']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -144,10 +153,11 @@ def main():
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test)"
     rows = []
     for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
-        for shape in shapes:
-            rows.append(bench_case(shape, dtype, args.device, args))
-            print(json.dumps({k: rows[-1][k] for k in ("shape", "dtype", "speedup", "bitwise_deterministic")}),
-                  flush=True)
+        for layout in LAYOUTS:
+            for shape in shapes:
+                rows.append(bench_case(shape, layout, dtype, args.device, args))
+                print(json.dumps({k: rows[-1][k] for k in ("shape", "layout", "dtype", "speedup",
+                                                           "bitwise_deterministic")}), flush=True)
     table = markdown(rows, device_name)
     print(table)
     os.makedirs(args.out, exist_ok=True)

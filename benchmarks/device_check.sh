@@ -6,11 +6,11 @@
 # optionally the CPU tests and an Nsight Compute profile of the scan; everything it prints and measures
 # lands in $OUT (JSON + Markdown + logs; only 8 files come back, so bundle the JSON in the call).
 # Knobs (seconds; 0 skips a step): T_CUDA_TESTS (150), T_BENCH (90), T_GSSM_BENCH (120), T_PROFILE (60),
-# T_AB_BWD (45: benchmarks/ab_scan_bwd_gpu.py), T_CHANNELS_BWD (0: the CUDA tests and the scan benchmark
-# once more with GMAMBA_CUDA_SCAN_BWD=channels, each under this limit), T_ANALYSIS (40), T_SANITIZER (40), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
+# T_AB_BWD (45: benchmarks/ab_scan_bwd_gpu.py), T_CHUNK_BWD (0: the CUDA tests and the scan benchmark
+# once more with GMAMBA_CUDA_SCAN_BWD=chunk, the backward's other gradient kernel, each under this limit), T_ANALYSIS (40), T_SANITIZER (40), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
 # with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
-# GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=channels runs every step with
-# the experimental channels-last backward kernel (csrc/cuda/scan_lane_backward.cuh) where it applies. Each step usually ends well before its limit (run 7: 91 s in
+# GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=chunk (or =lane) runs every step
+# with that gradient kernel of the scan backward (see csrc/cuda/selective_scan_cuda.cu). Each step usually ends well before its limit (run 7: 91 s in
 # all without the scan benchmark); the default limits sum to 545 s, which with the install fits the 600 s command limit.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,18 +48,18 @@ if [ "${T_GSSM_BENCH:-120}" != 0 ]; then
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 
-step "A/B of the CUDA scan backward kernels (chunk vs experimental channels-last) on gssm's scan shapes"
+step "A/B of the CUDA scan backward's gradient kernels (chunk vs lane) on gssm's scan shapes, both layouts"
 if [ "${T_AB_BWD:-45}" != 0 ]; then
   timeout ${T_AB_BWD:-45} $PY "$REPO/benchmarks/ab_scan_bwd_gpu.py" --out "$OUT" 2>&1 | tail -12 || status=1
 fi
 
-if [ "${T_CHANNELS_BWD:-0}" != 0 ]; then
-  step "CUDA tests and scan benchmark again, every backward through the experimental channels-last kernel"
-  GMAMBA_CUDA_SCAN_BWD=channels timeout ${T_CHANNELS_BWD} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
+if [ "${T_CHUNK_BWD:-0}" != 0 ]; then
+  step "CUDA tests and scan benchmark again, every backward through bwd_chunk_grads (GMAMBA_CUDA_SCAN_BWD=chunk)"
+  GMAMBA_CUDA_SCAN_BWD=chunk timeout ${T_CHUNK_BWD} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
     "$REPO/python_tests/test_gssm_cuda.py" "$REPO/python_tests/test_gssm_fused.py" -q -rs -p no:cacheprovider -n 4 \
-    2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda_channels_bwd.txt" | tail -5 || status=1
-  mkdir -p "$OUT/channels_bwd"
-  GMAMBA_CUDA_SCAN_BWD=channels timeout ${T_CHANNELS_BWD} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT/channels_bwd" \
+    2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda_chunk_bwd.txt" | tail -5 || status=1
+  mkdir -p "$OUT/chunk_bwd"
+  GMAMBA_CUDA_SCAN_BWD=chunk timeout ${T_CHUNK_BWD} $PY "$REPO/benchmarks/bench_scan_gpu.py" --out "$OUT/chunk_bwd" \
     --no-plot ${BENCH_ARGS:-} --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 

@@ -92,29 +92,46 @@ def test_cuda_grads_vs_reference(c):
     check_backward(c, seed=c["L"], device=DEVICE, tol=CUDA_GRAD_TOL[c["dtype"]])
 
 
-# The experimental gradient kernel of csrc/cuda/scan_lane_backward.cuh (channels-last, variable B/C,
-# d_state <= 8), switched on per call by GMAMBA_CUDA_SCAN_BWD=channels: padding lanes (d per group not a
-# multiple of 32), d_state below 8, partial last chunks, low precision and float64.
-CHANNELS_BWD_CASES = [
+# The two gradient kernels of the CUDA backward where both apply (variable or grouped B and C, d_state <= 8):
+# csrc/cuda/scan_lane_backward.cuh (the default there) and bwd_chunk_grads, forced per call with
+# GMAMBA_CUDA_SCAN_BWD=lane|chunk. Both layouts, padding lanes (d per group not a multiple of 32), d_state
+# below 8, partial last chunks, low precision and float64.
+LANE_BWD_CASES = [
     case(batch=2, d=40, L=196, N=8, layout="cl", b_mode="grouped", c_mode="grouped", groups=2, **full),
+    case(batch=2, d=40, L=196, N=8, b_mode="grouped", c_mode="grouped", groups=2, **full),
     case(batch=2, d=64, L=100, N=5, layout="cl", **full),
+    case(batch=2, d=64, L=100, N=5, **full),
     case(batch=1, d=33, L=4097, N=8, layout="cl", D=True, z=True, last_state=True),
+    case(batch=1, d=33, L=4097, N=8, D=True, z=True, last_state=True),
     case(batch=2, d=16, L=100, N=8, dtype=torch.bfloat16, layout="cl", **full),
+    case(batch=2, d=16, L=100, N=8, dtype=torch.float16, **full),
     case(batch=2, d=12, L=49, N=4, dtype=torch.float64, layout="cl", **full),
+    case(batch=2, d=12, L=49, N=4, dtype=torch.float64, **full),
 ]
 
 
 @needs_kernel
-@pytest.mark.parametrize("c", CHANNELS_BWD_CASES, ids=case_id)
-def test_cuda_experimental_channels_backward(c, monkeypatch):
-    monkeypatch.setenv("GMAMBA_CUDA_SCAN_BWD", "channels")
+@pytest.mark.parametrize("kernel", ["lane", "chunk"])
+@pytest.mark.parametrize("c", LANE_BWD_CASES, ids=case_id)
+def test_cuda_backward_kernels(c, kernel, monkeypatch):
+    monkeypatch.setenv("GMAMBA_CUDA_SCAN_BWD", kernel)
     check_backward(c, seed=c["L"], device=DEVICE, tol=CUDA_GRAD_TOL[c["dtype"]])
-    # Bitwise reproducible like the default kernel.
+    # Bitwise reproducible run to run.
     t = make_inputs(c, seed=11, device=DEVICE, requires_grad=True)
     dout, dlast = random_cotangents(c, t, 11, with_dlast=c["last_state"])
     first, second = op_grads(c, t, dout, dlast), op_grads(c, t, dout, dlast)
     for k in first:
         assert torch.equal(first[k], second[k]), k
+
+
+@needs_kernel
+def test_cuda_backward_kernel_choice_is_checked(monkeypatch):
+    c = LANE_BWD_CASES[2]
+    t = make_inputs(c, seed=0, device=DEVICE, requires_grad=True)
+    dout, dlast = random_cotangents(c, t, 0, with_dlast=c["last_state"])
+    monkeypatch.setenv("GMAMBA_CUDA_SCAN_BWD", "channels")
+    with pytest.raises(ValueError, match="GMAMBA_CUDA_SCAN_BWD"):
+        op_grads(c, t, dout, dlast)
 
 
 @needs_kernel

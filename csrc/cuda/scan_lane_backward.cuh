@@ -1,15 +1,19 @@
 #pragma once
-// EXPERIMENTAL, off unless GMAMBA_CUDA_SCAN_BWD=channels (not yet run on a GPU; see docs/KERNELS.md):
-// the gradient pass of the CUDA backward for channels-last inputs with variable B and C and d_state <= 8,
-// in place of bwd_chunk_grads. Same work split (one thread per (batch, channel, 16-step chunk), a warp over
-// 32 channels of one chunk) and the same inputs (the chunk's checkpoint and its end adjoint from the
-// summary pass and chain_chunks), but every state in registers and steps outer:
+// The gradient pass of the CUDA backward for variable B and C with d_state <= 8, either layout (the
+// default there since GPU run 21; GMAMBA_CUDA_SCAN_BWD=chunk selects bwd_chunk_grads instead, see
+// selective_scan_cuda.cu and docs/KERNELS.md). Same work split as bwd_chunk_grads (one thread per
+// (batch, channel, 16-step chunk), a warp over 32 channels of one chunk) and the same inputs (the chunk's
+// checkpoint and its end adjoint from the summary pass and chain_chunks), but every state in registers
+// and steps outer:
 //   1) recompute the chunk's 16 x 8 states from the checkpoint into shared memory (512 B per thread);
-//   2) walk the steps in reverse with B and C rows as vector loads, finishing du, ddelta and dz step by
-//      step (no per-step arrays), and hand the 8 dB + 8 dC values of two steps to the warp's fixed-order
-//      reduce-scatter (32 values, one per lane).
-// bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers, 2 blocks
-// per SM); this kernel needs about half the registers and 64 KB of shared memory per block (3 per SM).
+//   2) walk the steps in reverse with B and C rows as vector loads (channels-last; one broadcast address
+//      per warp and state in channels-first), finishing du, ddelta and dz step by step (no per-step
+//      arrays), and hand the 8 dB + 8 dC values of two steps to the warp's fixed-order reduce-scatter
+//      (32 values, one per lane).
+// bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers: 2 blocks per
+// SM, 12.5 % occupancy); this kernel needs 153 registers and 64 KB of shared memory per block (3 blocks,
+// 18.75 %). Run 21 (H200, channels-last, N = 8, float32): 146 against 282 us at (8, 4096, 96); the whole
+// backward op 1.24x-1.49x faster on gssm's scan shapes.
 #include "scan_chunk_threads.cuh"
 #include "scan_lane_forward.cuh"
 
@@ -20,17 +24,30 @@ constexpr int kBwdStates = 8;
 constexpr int kBwdThreads = chunk_threads::kWarp * chunk_threads::kWarpsPerBlock;
 
 template <typename acc_t>
-constexpr size_t channels_backward_smem() {
+constexpr size_t lane_backward_smem() {
   return static_cast<size_t>(kChunk) * kBwdStates * kBwdThreads * sizeof(acc_t);
 }
 
-// The launch's preconditions: channels-last, d_state <= 8, variable B and C.
-inline bool channels_backward_applies(const ScanShape& s, bool b_variable, bool c_variable) {
-  return s.channels_last && s.dstate <= kBwdStates && b_variable && c_variable;
+// The launch's preconditions: d_state <= 8, variable (or grouped) B and C.
+inline bool lane_backward_applies(const ScanShape& s, bool b_variable, bool c_variable) {
+  return s.dstate <= kBwdStates && b_variable && c_variable;
 }
 
-template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kBwdThreads) channels_backward(ScanBwdArgs<in_t, acc_t> a, const acc_t* carry) {
+// One step's B or C row: kN values, zero past N. kContiguous (channels-last): vector loads. Otherwise
+// (channels-first) at stride sn = L, where every lane of the warp reads the same address. A compile-time
+// choice: with both paths in one kernel ptxas took 239 registers instead of 153.
+template <bool kContiguous, int kN, typename acc_t>
+__device__ __forceinline__ void load_step_row(const acc_t* row, int N, int64_t sn, acc_t (&out)[kN]) {
+  if constexpr (kContiguous) {
+    load_row<kN>(row, N, out);
+  } else {
+#pragma unroll
+    for (int n = 0; n < kN; ++n, row += sn) out[n] = n < N ? __ldg(row) : acc_t(0);
+  }
+}
+
+template <bool kChannelsLast, typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, acc_t> a, const acc_t* carry) {
   using namespace chunk_threads;
   constexpr int kN = kBwdStates, T = kChunk;
   extern __shared__ unsigned char smem_raw[];
@@ -80,7 +97,7 @@ __global__ void __launch_bounds__(kBwdThreads) channels_backward(ScanBwdArgs<in_
       step_inputs(t, u, dt);
       acc_t Bv[kN];
       if (t < valid) {
-        load_row<kN>(B_row + (l0 + t) * a.f.B.sl, N, Bv);
+        load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
       } else {
 #pragma unroll
         for (int n = 0; n < kN; ++n) Bv[n] = 0;
@@ -109,8 +126,8 @@ __global__ void __launch_bounds__(kBwdThreads) channels_backward(ScanBwdArgs<in_
       step_inputs(t, u, dt);
       acc_t Bv[kN], Cv[kN];
       if (t < valid) {
-        load_row<kN>(B_row + (l0 + t) * a.f.B.sl, N, Bv);
-        load_row<kN>(C_row + (l0 + t) * a.f.C.sl, N, Cv);
+        load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
+        load_step_row<kChannelsLast, kN>(C_row + (l0 + t) * a.f.C.sl, N, a.f.C.sn, Cv);
       } else {
 #pragma unroll
         for (int n = 0; n < kN; ++n) Bv[n] = Cv[n] = 0;

@@ -321,12 +321,16 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
   });
 }
 
-// GMAMBA_CUDA_SCAN_BWD=channels selects scan_lane_backward.cuh's gradient kernel where it applies. It
-// has not run on a GPU yet, so it stays off by default until the CUDA tests pass with it (read per call,
-// so a test can switch it).
-bool experimental_channels_backward() {
+// Which gradient kernel the backward runs. By default scan_lane_backward.cuh's where it applies (faster
+// in GPU run 21), bwd_chunk_grads elsewhere; GMAMBA_CUDA_SCAN_BWD=chunk or =lane forces one (where the
+// lane kernel applies), read per call so tests and benchmarks/ab_scan_bwd_gpu.py can compare the two.
+bool use_lane_backward(const ScanShape& s, bool b_variable, bool c_variable) {
   const char* v = std::getenv("GMAMBA_CUDA_SCAN_BWD");
-  return v != nullptr && std::string(v) == "channels";
+  const std::string choice = v == nullptr ? "" : v;
+  TORCH_CHECK_VALUE(choice.empty() || choice == "chunk" || choice == "lane",
+                    "selective_scan: environment variable GMAMBA_CUDA_SCAN_BWD must be 'chunk', 'lane' or unset, got '",
+                    choice, "'");
+  return choice != "chunk" && lane_scan::lane_backward_applies(s, b_variable, c_variable);
 }
 
 void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& dout,
@@ -345,10 +349,10 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dinitial_state enters holding dlast_state (or zeros) and leaves holding the initial state's gradient.
     launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state, stream);
-    if (experimental_channels_backward() &&
-        lane_scan::channels_backward_applies(s, args.f.B.variable, args.f.C.variable)) {
-      const auto kernel = lane_scan::channels_backward<scalar_t, acc_t>;
-      const size_t smem = lane_scan::channels_backward_smem<acc_t>();
+    if (use_lane_backward(s, args.f.B.variable, args.f.C.variable)) {
+      const auto kernel = s.channels_last ? lane_scan::lane_backward<true, scalar_t, acc_t>
+                                          : lane_scan::lane_backward<false, scalar_t, acc_t>;
+      const size_t smem = lane_scan::lane_backward_smem<acc_t>();
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       kernel<<<blocks, lane_scan::kBwdThreads, smem, stream>>>(args, carry.data_ptr<acc_t>());
     } else {
