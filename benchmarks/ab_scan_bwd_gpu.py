@@ -121,6 +121,34 @@ def bench_case(shape, layout, dtype, device, args):
             "rel_l2_lane_vs_chunk": errors, "bitwise_deterministic": deterministic}
 
 
+def kernel_breakdown(shape, layout, dtype, device, calls=5):
+    """Markdown lines: each device kernel of one backward call per variant (torch.profiler), to show
+    where the op's time goes beyond the gradient kernel (summary pass, chain, reductions of partials)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backward = make_case(*shape, layout, dtype, device)
+    lines = []
+    for name in VARIANTS:
+        set_variant(name)
+        backward()
+        sync(device)
+        on_gpu = device == "cuda"  # on the CPU (smoke test) the ops' self times stand in for kernels
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                backward()
+            sync(device)
+        kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+        self_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)  # noqa: E731
+        events = sorted((e for e in prof.key_averages() if e.device_type == kind), key=lambda e: -self_us(e))
+        total = sum(self_us(e) for e in events) / calls
+        lines += ["", f"{name}, {layout} {shape} {str(dtype).replace('torch.', '')}: {total:.1f} us of device "
+                  "time per call", "", "| kernel | us per call | launches per call |", "|---|---|---|"]
+        lines += [f"| `{e.key[:90]}` | {self_us(e) / calls:.1f} | {e.count / calls:g} |"
+                  for e in events]
+    set_variant(None)
+    return lines
+
+
 def markdown(rows, device_name):
     lines = [f"# CUDA scan backward: bwd_chunk_grads vs the lane kernel ({device_name})", "",
              "Raw selective_scan_bwd op, variable B/C, N = 8, layout cl = (B, L, d), cf = (B, d, L); median (IQR) "
@@ -146,6 +174,8 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--shapes", default=None, help="B:L:d:N,... instead of the gssm's four")
+    p.add_argument("--profile", default=None, metavar="B:L:d:N:LAYOUT",
+                   help="also list each kernel of one backward call at this shape (float32), per variant")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ab_scan_bwd_gpu.py: no CUDA device visible (use --device cpu for a smoke test)")
@@ -159,6 +189,9 @@ def main():
                 print(json.dumps({k: rows[-1][k] for k in ("shape", "layout", "dtype", "speedup",
                                                            "bitwise_deterministic")}), flush=True)
     table = markdown(rows, device_name)
+    if args.profile:
+        *dims, layout = args.profile.split(":")
+        table += "\n".join(kernel_breakdown(tuple(int(v) for v in dims), layout, torch.float32, args.device)) + "\n"
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ab_scan_bwd.json"), "w") as f:
