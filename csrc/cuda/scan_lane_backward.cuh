@@ -1,6 +1,6 @@
 #pragma once
-// The gradient pass of the CUDA backward for variable B and C with d_state <= 8, either layout (the
-// default there since GPU run 21; GMAMBA_CUDA_SCAN_BWD=chunk selects bwd_chunk_grads instead, see
+// The gradient pass of the CUDA backward for variable B and C with d_state <= 8, either layout: the
+// default there since GPU runs 20-21 (GMAMBA_CUDA_SCAN_BWD=chunk selects bwd_chunk_grads instead, see
 // selective_scan_cuda.cu and docs/KERNELS.md). Same work split as bwd_chunk_grads (one thread per
 // (batch, channel, 16-step chunk), a warp over 32 channels of one chunk) and the same inputs (the chunk's
 // checkpoint and its end adjoint from the summary pass and chain_chunks), but every state in registers
@@ -11,9 +11,11 @@
 //      arrays), and hand the 8 dB + 8 dC values of two steps to the warp's fixed-order reduce-scatter
 //      (32 values, one per lane).
 // bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers: 2 blocks per
-// SM, 12.5 % occupancy); this kernel needs 153 registers and 64 KB of shared memory per block (3 blocks,
-// 18.75 %). Run 21 (H200, channels-last, N = 8, float32): 146 against 282 us at (8, 4096, 96); the whole
-// backward op 1.24x-1.49x faster on gssm's scan shapes.
+// SM, 12.5 % occupancy); this kernel needs 153 registers channels-last, 168 channels-first, and 64 KB of
+// shared memory per block (3 blocks, 18.75 %). float64 spills a little (gradcheck only). H200, float32,
+// (8, 4096, 96, 8), ncu: 146 against 282 us channels-last, 283 against 321 us channels-first; the whole
+// backward op 1.25x-1.45x faster channels-last at L >= 1024 (about even at L = 256), 1.04x-1.35x
+// channels-first (benchmarks/results/2026-11-27-h200-523eab7/ab_scan_bwd.md).
 #include "scan_chunk_threads.cuh"
 #include "scan_lane_forward.cuh"
 

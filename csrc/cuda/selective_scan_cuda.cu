@@ -321,9 +321,10 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
   });
 }
 
-// Which gradient kernel the backward runs. By default scan_lane_backward.cuh's where it applies (faster
-// in GPU run 21), bwd_chunk_grads elsewhere; GMAMBA_CUDA_SCAN_BWD=chunk or =lane forces one (where the
-// lane kernel applies), read per call so tests and benchmarks/ab_scan_bwd_gpu.py can compare the two.
+// Which gradient kernel the backward runs. By default scan_lane_backward.cuh's where it applies (as fast
+// or faster at every shape of GPU runs 20-21), bwd_chunk_grads elsewhere; GMAMBA_CUDA_SCAN_BWD=chunk or
+// =lane forces one (where the lane kernel applies), read per call so tests and
+// benchmarks/ab_scan_bwd_gpu.py can compare the two.
 bool use_lane_backward(const ScanShape& s, bool b_variable, bool c_variable) {
   const char* v = std::getenv("GMAMBA_CUDA_SCAN_BWD");
   const std::string choice = v == nullptr ? "" : v;
