@@ -401,18 +401,12 @@ def fem_low_mask(H: int, W: int, mask: str = "corner", device=None, dtype=torch.
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
     Wr = W // 2 + 1
-    ncol = Wr // 4
     n = H // 4
-    rows = torch.zeros(H, dtype=torch.bool)
-    if mask == "corner":
-        rows[:n] = True
-    else:
-        rows[:(n + 1) // 2] = True
-        if n // 2 > 0:
-            rows[H - n // 2:] = True
-    cols = torch.zeros(Wr, dtype=torch.bool)
-    cols[:ncol] = True
-    return (rows[:, None] & cols[None, :]).to(device=device, dtype=dtype)
+    # Built on `device` from aranges: no host-to-device copy, so a CUDA graph can capture it.
+    u = torch.arange(H, device=device)
+    rows = u < n if mask == "corner" else (u < (n + 1) // 2) | (u >= H - n // 2)
+    cols = torch.arange(Wr, device=device) < Wr // 4
+    return (rows[:, None] & cols[None, :]).to(dtype)
 
 
 def fem_split(x1: Tensor, mask: str = "corner") -> Tuple[Tensor, Tensor]:
