@@ -343,3 +343,39 @@ def test_cuda_graph_capture(c):
     eager = op_grads(c, t, dout, dlast)
     for k in eager:
         torch.testing.assert_close(captured[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@needs_kernel
+def test_cuda_indices_past_2_31():
+    """64-bit indexing: channels-last bf16 u with 512 x (2^22 + 2^15) > 2^31 elements, so every step from
+    l = 508 on lies past 2^31. Channels are independent: the outputs and per-channel gradients of the first
+    and last 64 channels must match a small call on those channels alone. Needs ~45 GB of GPU memory."""
+    L, d, N = 512, 2**22 + 2**15, 4
+    if torch.cuda.mem_get_info()[0] < 50 * 2**30:
+        pytest.skip("needs ~50 GB of free GPU memory")
+    op = torch.ops.gmamba_ext
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(dtype)
+
+    bf = torch.bfloat16
+    u, delta, z, dout = rnd(1, L, d, dtype=bf), rnd(1, L, d, dtype=bf, scale=0.5), rnd(1, L, d, dtype=bf), \
+        rnd(1, L, d, dtype=bf)
+    A, B, C, D, bias = -torch.exp(rnd(d, N, scale=0.5)), rnd(1, L, N), rnd(1, L, N), rnd(d), rnd(d, scale=0.1)
+
+    def fwd_bwd(u, delta, z, dout, A, D, bias):
+        out, _, ckpt = op.selective_scan_fwd(u, delta, A, B, C, D, z, bias, None, True, True)
+        grads = op.selective_scan_bwd(dout, None, ckpt, u, delta, A, B, C, D, z, bias, None, True, True)
+        # out, du, ddelta, dA, dD, dz, ddelta_bias: the per-channel ones (dB, dC sum over channels)
+        return [out, grads[0], grads[1], grads[2], grads[5], grads[6], grads[7]]
+
+    big = fwd_bwd(u, delta, z, dout, A, D, bias)
+    assert u.numel() > 2**31
+    for sel in (slice(0, 64), slice(d - 64, d)):
+        small = fwd_bwd(*(t[..., sel].contiguous() for t in (u, delta, z, dout)), A[sel].contiguous(), D[sel],
+                        bias[sel])
+        names = ["out", "du", "ddelta", "dA", "dD", "dz", "ddelta_bias"]
+        for name, b, s in zip(names, big, small):
+            b = b[sel] if name in ("dA", "dD", "ddelta_bias") else b[..., sel]
+            torch.testing.assert_close(b.float(), s.float(), rtol=2e-2, atol=2e-2, msg=f"{name} {sel}")
