@@ -8,6 +8,7 @@ import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_ops import conv_silu, conv_silu_torch, fgmm, fgmm_torch
 from gmamba_ext.gssm_reference import gssm_ref
+from conftest import capture_cuda_graph
 from gssm_helpers import assert_bitwise_reproducible, cast, grads_of, make, param_fields
 from test_gssm_ops import conv_inputs, fgmm_inputs
 
@@ -127,15 +128,7 @@ def test_gssm_cuda_graph_capture(impl):
         out = fn(leaves[0], p32.replace(**dict(zip(names, leaves[1:]))))
         return [out, *torch.autograd.grad(out, leaves, dout)]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     with torch.no_grad():
         leaves[0].copy_(x_for(cfg, 2, 14, 18, seed=5).float().cuda())
     graph.replay()

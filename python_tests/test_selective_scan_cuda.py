@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gmamba_ext
-from conftest import (DIFF_NAMES, FWD_TOL, GRAD_TOL, LOWP, api, assert_close64, assert_grads_close, case,
-                      case_id, check_backward, check_forward, gradcheck_case, make_inputs, op_grads,
-                      random_cases, random_cotangents, raw_fwd_args, run_op)
+from conftest import (DIFF_NAMES, FWD_TOL, GRAD_TOL, LOWP, api, assert_close64, assert_grads_close,
+                      capture_cuda_graph, case, case_id, check_backward, check_forward, gradcheck_case,
+                      make_inputs, op_grads, random_cases, random_cotangents, raw_fwd_args, run_op)
 
 DEVICE = "cuda"
 CUDA_AVAILABLE = torch.cuda.is_available()
@@ -327,15 +327,7 @@ def test_cuda_graph_capture(c):
     """Forward + backward captured in a CUDA graph: a replay on new u gives what an eager call gives."""
     t = make_inputs(c, seed=6, device=DEVICE, requires_grad=True)
     dout, dlast = random_cotangents(c, t, 6, with_dlast=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(2):
-            op_grads(c, t, dout, dlast)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = op_grads(c, t, dout, dlast)
+    graph, captured = capture_cuda_graph(lambda: op_grads(c, t, dout, dlast))
     with torch.no_grad():
         t["u"].copy_(torch.randn(t["u"].shape, generator=torch.Generator().manual_seed(7)).to(t["u"]))
     graph.replay()
