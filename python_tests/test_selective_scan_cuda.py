@@ -12,6 +12,7 @@ import gmamba_ext
 from conftest import (DIFF_NAMES, FWD_TOL, GRAD_TOL, LOWP, api, assert_close64, assert_grads_close,
                       capture_cuda_graph, case, case_id, check_backward, check_forward, gradcheck_case,
                       make_inputs, op_grads, random_cases, random_cotangents, raw_fwd_args, run_op)
+from test_selective_scan_edge_cases import BC_MODES, check_grads_with_uninitialised_memory_as_nan
 
 DEVICE = "cuda"
 CUDA_AVAILABLE = torch.cuda.is_available()
@@ -371,3 +372,14 @@ def test_cuda_indices_past_2_31():
         for name, b, s in zip(names, big, small):
             b = b[sel] if name in ("dA", "dD", "ddelta_bias") else b[..., sel]
             torch.testing.assert_close(b.float(), s.float(), rtol=2e-2, atol=2e-2, msg=f"{name} {sel}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["lane", "chunk"])
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("b_mode,c_mode,groups", BC_MODES)
+def test_cuda_gradients_with_uninitialised_memory_as_nan(kernel, layout, b_mode, c_mode, groups, monkeypatch):
+    """Every element of du, ddelta, dz (allocated uninitialised) is written by both gradient kernels, and
+    likewise every partial buffer once the CUDA backend stops zero-filling them."""
+    monkeypatch.setenv("GMAMBA_CUDA_SCAN_BWD", kernel)
+    check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, DEVICE)

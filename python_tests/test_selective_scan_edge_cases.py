@@ -214,24 +214,20 @@ def test_partial_channel_pack_with_constant_bc_ignores_memory_past_d(d, b_mode, 
         torch.testing.assert_close(got[k].double(), exp[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("layout", ["cf", "cl"])
-@pytest.mark.parametrize("b_mode,c_mode,groups", [("variable", "variable", 1), ("grouped", "grouped", 3),
-                                                  ("constant", "constant", 1), ("variable", "constant", 1)])
-def test_backward_partials_need_no_zero_fill(layout, b_mode, c_mode, groups):
-    """The CPU backward allocates its partial buffers (dA, dB, dC, dD, delta_bias per chunk or pack) without
-    zero-filling them, because it writes every element. Under deterministic mode torch fills uninitialised
-    memory with NaN, so a partial the kernel skipped comes back as a NaN gradient (d = 21: a short last
-    pack; L = 37: a short last chunk)."""
+def check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, device):
+    """Gradients with torch's deterministic mode filling uninitialised memory with NaN: a partial or
+    gradient element the kernels skipped comes back as a NaN gradient (d = 21: a short last pack or warp;
+    L = 37: a short last chunk)."""
     d, L, N, batch = 21, 37, 5, 2
     c = case(batch=batch, d=d, L=L, N=N, layout=layout, b_mode=b_mode, c_mode=c_mode, groups=groups, D=True,
              z=True, delta_bias=True, softplus=True, initial_state=True, last_state=True)
-    t = make_inputs(c, seed=21, requires_grad=True)
+    t = make_inputs(c, seed=21, device=device, requires_grad=True)
     dout, dlast = random_cotangents(c, t, 21, with_dlast=True)
     saved = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     try:
-        assert torch.isnan(torch.empty(3)).all()  # the mechanism this test relies on
+        assert torch.isnan(torch.empty(3, device=device)).all()  # the mechanism this test relies on
         got = op_grads(c, t, dout, dlast)
     finally:
         torch.use_deterministic_algorithms(saved[0])
@@ -240,4 +236,16 @@ def test_backward_partials_need_no_zero_fill(layout, b_mode, c_mode, groups):
         assert torch.isfinite(g).all(), f"non-finite gradient of {k}"
     exp = ref_grads(c, t, dout, dlast)
     for k in got:
-        torch.testing.assert_close(got[k].double(), exp[k], rtol=1e-4, atol=1e-4, msg=k)
+        torch.testing.assert_close(got[k].double().cpu(), exp[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+BC_MODES = [("variable", "variable", 1), ("grouped", "grouped", 3), ("constant", "constant", 1),
+            ("variable", "constant", 1)]
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("b_mode,c_mode,groups", BC_MODES)
+def test_backward_partials_need_no_zero_fill(layout, b_mode, c_mode, groups):
+    """The CPU backward allocates its partial buffers (dA, dB, dC, dD, delta_bias per chunk or pack) without
+    zero-filling them, because it writes every element."""
+    check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, "cpu")
