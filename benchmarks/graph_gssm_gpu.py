@@ -19,21 +19,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gssm import closures, implementations, make_case, shapes_of  # noqa: E402
 from bench_scan_gpu import event_ms  # noqa: E402
+from gmamba_ext._graph_capture import capture_cuda_graph  # noqa: E402
 
 IMPLS = ("fused", "unfused_mamba_ssm")
 
 
 def graphed(fwd_bwd):
-    """(replay, outputs of the captured call); warm-up on a side stream, as capture requires."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fwd_bwd()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, grads = fwd_bwd()
+    """(replay, outputs of the captured call)."""
+    graph, (out, grads) = capture_cuda_graph(fwd_bwd, warmup=3)
     return graph.replay, [out, *grads]
 
 

@@ -415,17 +415,3 @@ def _seed_everything():
     torch.manual_seed(0)
     yield
 
-
-def capture_cuda_graph(step):
-    """Runs step() twice on a side stream (capture needs its warm-up off the default stream), then captures
-    one call in a CUDA graph: returns (graph, what the captured call returned)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    return graph, captured

@@ -8,7 +8,7 @@ import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_ops import conv_silu, conv_silu_torch, fgmm, fgmm_torch
 from gmamba_ext.gssm_reference import gssm_ref
-from conftest import capture_cuda_graph
+from gmamba_ext._graph_capture import capture_cuda_graph
 from gssm_helpers import assert_bitwise_reproducible, cast, grads_of, make, param_fields
 from test_gssm_ops import conv_inputs, fgmm_inputs
 

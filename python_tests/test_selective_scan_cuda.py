@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import gmamba_ext
+from gmamba_ext._graph_capture import capture_cuda_graph
 from conftest import (DIFF_NAMES, FWD_TOL, GRAD_TOL, LOWP, api, assert_close64, assert_grads_close,
-                      capture_cuda_graph, case, case_id, check_backward, check_forward, gradcheck_case,
+                      case, case_id, check_backward, check_forward, gradcheck_case,
                       make_inputs, op_grads, random_cases, random_cotangents, raw_fwd_args, run_op)
 from test_selective_scan_edge_cases import BC_MODES, check_grads_with_uninitialised_memory_as_nan
 
