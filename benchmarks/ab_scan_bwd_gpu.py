@@ -23,11 +23,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gmamba_ext  # noqa: F401,E402  (registers torch.ops.gmamba_ext)
 from bench_scan_gpu import event_ms  # noqa: E402
+from profile_gssm import sync  # noqa: E402
 
 # (batch, L, d, N): gssm's scans at DESIGN's (C, H=W) stages, d = C/2, L = H*W; each in both layouts.
 SHAPES = [(8, 16384, 48, 8), (8, 4096, 96, 8), (8, 1024, 192, 8), (8, 256, 384, 8)]
 LAYOUTS = ["cl", "cf"]
-VARIANTS = {"chunk": "chunk", "lane": "lane"}
+VARIANTS = ("chunk", "lane")  # GMAMBA_CUDA_SCAN_BWD's values
 GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state"]
 
 
@@ -35,7 +36,7 @@ def set_variant(name):
     if name is None:
         os.environ.pop("GMAMBA_CUDA_SCAN_BWD", None)
     else:
-        os.environ["GMAMBA_CUDA_SCAN_BWD"] = VARIANTS[name]
+        os.environ["GMAMBA_CUDA_SCAN_BWD"] = name
 
 
 def make_case(batch, L, d, N, layout, dtype, device, seed=0):
@@ -64,11 +65,6 @@ def make_case(batch, L, d, N, layout, dtype, device, seed=0):
                                      x["z"], x["delta_bias"], None, True, channels_last)
 
     return backward
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_once(fn, device):
@@ -122,29 +118,17 @@ def bench_case(shape, layout, dtype, device, args):
 
 
 def kernel_breakdown(shape, layout, dtype, device, calls=5):
-    """Markdown lines: each device kernel of one backward call per variant (torch.profiler), to show
-    where the op's time goes beyond the gradient kernel (summary pass, chain, reductions of partials)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Markdown lines per variant: profile_gssm.py's summary of one backward call, to show where the op's
+    time goes beyond the gradient kernel (summary pass, chain, reductions of partials)."""
+    from profile_gssm import profile_calls, summary
 
     backward = make_case(*shape, layout, dtype, device)
     lines = []
     for name in VARIANTS:
         set_variant(name)
-        backward()
-        sync(device)
-        on_gpu = device == "cuda"  # on the CPU (smoke test) the ops' self times stand in for kernels
-        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
-            for _ in range(calls):
-                backward()
-            sync(device)
-        kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
-        self_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)  # noqa: E731
-        events = sorted((e for e in prof.key_averages() if e.device_type == kind), key=lambda e: -self_us(e))
-        total = sum(self_us(e) for e in events) / calls
-        lines += ["", f"{name}, {layout} {shape} {str(dtype).replace('torch.', '')}: {total:.1f} us of device "
-                  "time per call", "", "| kernel | us per call | launches per call |", "|---|---|---|"]
-        lines += [f"| `{e.key[:90]}` | {self_us(e) / calls:.1f} | {e.count / calls:g} |"
-                  for e in events]
+        wall, prof = profile_calls(backward, device, calls)
+        lines += ["", f"## {name}, {layout} {shape} {str(dtype).replace('torch.', '')}: wall {wall:.3f} ms per call",
+                  ""] + summary(prof, device, calls, top=12)
     set_variant(None)
     return lines
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gssm import closures, implementations, make_case, shapes_of  # noqa: E402
-from bench_scan_gpu import event_ms  # noqa: E402
+from bench_gssm import closures, implementations, make_case, rel_l2, shapes_of  # noqa: E402
+from bench_scan_gpu import timed  # noqa: E402
 from gmamba_ext._graph_capture import capture_cuda_graph  # noqa: E402
 
 IMPLS = ("fused", "unfused_mamba_ssm")
@@ -30,17 +29,9 @@ def graphed(fwd_bwd):
     return graph.replay, [out, *grads]
 
 
-def stats(times):
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2]}
-
-
 def bench_one(fn, cfg, params, x, reps):
-    fwd, fwd_bwd = closures(fn, cfg, params, x)
-    row = {}
-    for _ in range(3):
-        fwd_bwd()
-    row["eager"] = stats([event_ms(fwd_bwd) for _ in range(reps)])
+    _, fwd_bwd = closures(fn, cfg, params, x)
+    row = {"eager": timed(fwd_bwd, 3, reps)}
     try:
         replay, captured = graphed(fwd_bwd)
     except Exception as error:  # noqa: BLE001 - report a capture failure instead of stopping the run
@@ -49,10 +40,8 @@ def bench_one(fn, cfg, params, x, reps):
     replay()
     torch.cuda.synchronize()
     eager = fwd_bwd()
-    worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-                for a, b in zip(captured, [eager[0], *eager[1]]))
-    row["graph_vs_eager_rel_l2"] = worst
-    row["graph"] = stats([event_ms(replay) for _ in range(reps)])
+    row["graph_vs_eager_rel_l2"] = max(rel_l2(a, b) for a, b in zip(captured, [eager[0], *eager[1]]))
+    row["graph"] = timed(replay, 0, reps)
     return row
 
 
