@@ -1,10 +1,11 @@
-"""A/B of the CUDA scan's two gradient kernels where both apply (variable B/C, N <= 8): bwd_chunk_grads
-against csrc/cuda/scan_lane_backward.cuh, forced per call with GMAMBA_CUDA_SCAN_BWD=chunk|lane, on the gssm's
-scan shapes in both layouts. One process, the two taking turns in rounds, device events around the raw
+"""A/B of the CUDA scan's two gradient kernels where both apply (variable B/C, N <= 8; channels-last
+N <= 16): bwd_chunk_grads against csrc/cuda/scan_lane_backward.cuh, forced per call with
+GMAMBA_CUDA_SCAN_BWD=chunk|lane, on the gssm's scan shapes in both layouts (or --shapes, --layouts). One process, the two taking turns in rounds, device events around the raw
 backward op; before timing, the two kernels' gradients are compared (relative L2 difference per gradient)
 and each kernel is run twice to check that its gradients are bitwise equal.
 
     python benchmarks/ab_scan_bwd_gpu.py [--out DIR] [--dtypes float32,bfloat16] [--rounds 5] [--reps 10]
+    python benchmarks/ab_scan_bwd_gpu.py --shapes 8:2048:1536:16,8:196:1536:16 --layouts cl  # lane_backward<16>
 
 Decides which kernel is the default: it must agree, be deterministic and be faster.
 --device cpu runs the same script on the CPU kernel (both variants are then the same code): a smoke test.
@@ -135,7 +136,7 @@ def kernel_breakdown(shape, layout, dtype, device, calls=5):
 
 def markdown(rows, device_name):
     lines = [f"# CUDA scan backward: bwd_chunk_grads vs the lane kernel ({device_name})", "",
-             "Raw selective_scan_bwd op, variable B/C, N = 8, layout cl = (B, L, d), cf = (B, d, L); median (IQR) "
+             "Raw selective_scan_bwd op, variable B/C, layout cl = (B, L, d), cf = (B, d, L); median (IQR) "
              "ms of device-event timings, the two taking turns in rounds.", "",
              "| dtype | layout | (B, L, d, N) | chunk (ms) | lane (ms) | speed-up | largest rel. L2 diff (grad) | "
              "bitwise run to run (chunk / lane) |", "|---|---|---|---|---|---|---|---|"]
@@ -158,6 +159,7 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--shapes", default=None, help="B:L:d:N,... instead of the gssm's four")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="cl, cf or both (cl,cf)")
     p.add_argument("--profile", default=None, metavar="B:L:d:N:LAYOUT",
                    help="also list each kernel of one backward call at this shape (float32), per variant")
     args = p.parse_args()
@@ -167,7 +169,7 @@ def main():
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test)"
     rows = []
     for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
-        for layout in LAYOUTS:
+        for layout in args.layouts.split(","):
             for shape in shapes:
                 rows.append(bench_case(shape, layout, dtype, args.device, args))
                 print(json.dumps({k: rows[-1][k] for k in ("shape", "layout", "dtype", "speedup",

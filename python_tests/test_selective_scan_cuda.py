@@ -94,10 +94,12 @@ def test_cuda_grads_vs_reference(c):
     check_backward(c, seed=c["L"], device=DEVICE, tol=CUDA_GRAD_TOL[c["dtype"]])
 
 
-# The two gradient kernels of the CUDA backward where both apply (variable or grouped B and C, d_state <= 8):
-# csrc/cuda/scan_lane_backward.cuh (the default there) and bwd_chunk_grads, forced per call with
-# GMAMBA_CUDA_SCAN_BWD=lane|chunk. Both layouts, padding lanes (d per group not a multiple of 32), d_state
-# below 8, partial last chunks, low precision and float64.
+# The two gradient kernels of the CUDA backward where both apply (variable or grouped B and C, d_state <= 8;
+# channels-last up to 16): csrc/cuda/scan_lane_backward.cuh (the default at d_state <= 8) and
+# bwd_chunk_grads, forced per call with GMAMBA_CUDA_SCAN_BWD=lane|chunk. Both layouts, padding lanes (d per
+# group not a multiple of 32), d_state below 8, between 8 and 16 (lane_backward<16>, walked in two 8-step
+# segments), partial last chunks, low precision and float64. Channels-first d_state 16 and float64 d_state
+# 16 are cases where "lane" falls back to bwd_chunk_grads.
 LANE_BWD_CASES = [
     case(batch=2, d=40, L=196, N=8, layout="cl", b_mode="grouped", c_mode="grouped", groups=2, **full),
     case(batch=2, d=40, L=196, N=8, b_mode="grouped", c_mode="grouped", groups=2, **full),
@@ -109,6 +111,13 @@ LANE_BWD_CASES = [
     case(batch=2, d=16, L=100, N=8, dtype=torch.float16, **full),
     case(batch=2, d=12, L=49, N=4, dtype=torch.float64, layout="cl", **full),
     case(batch=2, d=12, L=49, N=4, dtype=torch.float64, **full),
+    case(batch=2, d=40, L=196, N=16, layout="cl", b_mode="grouped", c_mode="grouped", groups=2, **full),
+    case(batch=2, d=64, L=100, N=12, layout="cl", **full),
+    case(batch=1, d=33, L=4097, N=16, layout="cl", D=True, z=True, last_state=True),
+    case(batch=2, d=16, L=100, N=16, dtype=torch.bfloat16, layout="cl", **full),
+    case(batch=2, d=16, L=100, N=9, dtype=torch.float16, layout="cl", **full),
+    case(batch=2, d=16, L=49, N=16, **full),
+    case(batch=2, d=12, L=49, N=16, dtype=torch.float64, layout="cl", **full),
 ]
 
 
@@ -379,8 +388,10 @@ def test_cuda_indices_past_2_31():
 @pytest.mark.parametrize("kernel", ["lane", "chunk"])
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("b_mode,c_mode,groups", BC_MODES)
-def test_cuda_gradients_with_uninitialised_memory_as_nan(kernel, layout, b_mode, c_mode, groups, monkeypatch):
-    """Every element of du, ddelta, dz (allocated uninitialised) is written by both gradient kernels, and
-    likewise every partial buffer once the CUDA backend stops zero-filling them."""
+@pytest.mark.parametrize("N", [5, 13])
+def test_cuda_gradients_with_uninitialised_memory_as_nan(kernel, layout, b_mode, c_mode, groups, N, monkeypatch):
+    """Every element of du, ddelta, dz (allocated uninitialised) is written by both gradient kernels (N = 13:
+    lane_backward<16>, channels-last), and likewise every partial buffer once the CUDA backend stops
+    zero-filling them."""
     monkeypatch.setenv("GMAMBA_CUDA_SCAN_BWD", kernel)
-    check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, DEVICE)
+    check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, DEVICE, N=N)

@@ -214,11 +214,11 @@ def test_partial_channel_pack_with_constant_bc_ignores_memory_past_d(d, b_mode, 
         torch.testing.assert_close(got[k].double(), exp[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
-def check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, device):
+def check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, device, N=5):
     """Gradients with torch's deterministic mode filling uninitialised memory with NaN: a partial or
     gradient element the kernels skipped comes back as a NaN gradient (d = 21: a short last pack or warp;
     L = 37: a short last chunk)."""
-    d, L, N, batch = 21, 37, 5, 2
+    d, L, batch = 21, 37, 2
     c = case(batch=batch, d=d, L=L, N=N, layout=layout, b_mode=b_mode, c_mode=c_mode, groups=groups, D=True,
              z=True, delta_bias=True, softplus=True, initial_state=True, last_state=True)
     t = make_inputs(c, seed=21, device=device, requires_grad=True)

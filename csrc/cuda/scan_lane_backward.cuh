@@ -1,38 +1,64 @@
 #pragma once
-// The gradient pass of the CUDA backward for variable B and C with d_state <= 8, either layout: the
-// default there since GPU runs 20-21 (GMAMBA_CUDA_SCAN_BWD=chunk selects bwd_chunk_grads instead, see
-// selective_scan_cuda.cu and docs/KERNELS.md). Same work split as bwd_chunk_grads (one thread per
-// (batch, channel, 16-step chunk), a warp over 32 channels of one chunk) and the same inputs (the chunk's
-// checkpoint and its end adjoint from the summary pass and chain_chunks), but every state in registers
-// and steps outer:
-//   1) recompute the chunk's 16 x 8 states from the checkpoint into shared memory (512 B per thread);
+// The gradient pass of the CUDA backward for variable B and C with d_state <= 16, either layout. For
+// d_state <= 8 it is the default since GPU runs 20-21; for 9..16 it runs only when GMAMBA_CUDA_SCAN_BWD=lane
+// asks for it, until a GPU run has measured it (see selective_scan_cuda.cu and docs/KERNELS.md).
+// Same work split as bwd_chunk_grads (one thread per (batch, channel, 16-step chunk), a warp over 32
+// channels of one chunk) and the same inputs (the chunk's checkpoint and its end adjoint from the summary
+// pass and chain_chunks), but every state in registers and steps outer:
+//   1) recompute the chunk's states from the checkpoint into shared memory (kSeg steps x kN states,
+//      512 B per thread);
 //   2) walk the steps in reverse with B and C rows as vector loads (channels-last; one broadcast address
 //      per warp and state in channels-first), finishing du, ddelta and dz step by step (no per-step
-//      arrays), and hand the 8 dB + 8 dC values of two steps to the warp's fixed-order reduce-scatter
-//      (32 values, one per lane).
-// bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers: 2 blocks per
-// SM, 12.5 % occupancy); this kernel needs 153 registers channels-last, 168 channels-first, and 64 KB of
-// shared memory per block (3 blocks, 18.75 %). float64 spills a little (gradcheck only). H200, float32,
-// (8, 4096, 96, 8), ncu: 146 against 282 us channels-last, 283 against 321 us channels-first; the whole
-// backward op 1.25x-1.45x faster channels-last at L >= 1024 (about even at L = 256), 1.04x-1.35x
-// channels-first (benchmarks/results/2026-11-27-h200-523eab7/ab_scan_bwd.md).
+//      arrays), and hand the kN dB + kN dC values of 32 / (2 kN) steps to the warp's fixed-order
+//      reduce-scatter (32 values, one per lane).
+// kN = 8 keeps the whole chunk (kSeg = 16). kN = 16 would need 128 KB of shared memory per block for
+// that, so it walks the chunk in two segments of 8 steps, the later first: steps 0..7 are recomputed
+// twice (once to reach step 8's start state), a third more exps than one pass, in 64 KB per block.
+// bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers at N = 8:
+// 2 blocks per SM, 12.5 % occupancy); this kernel needs 153 registers channels-last, 168 channels-first,
+// and 64 KB of shared memory per block (3 blocks, 18.75 %) at kN = 8. float64 spills a little
+// (gradcheck only); kN = 16 is built for channels-last float accumulation only. H200, float32, (8, 4096, 96, 8), ncu: 146 against 282 us
+// channels-last, 283 against 321 us channels-first; the whole backward op 1.25x-1.45x faster
+// channels-last at L >= 1024 (about even at L = 256), 1.04x-1.35x channels-first
+// (benchmarks/results/2026-11-27-h200-523eab7/ab_scan_bwd.md).
+#include <type_traits>
+
 #include "scan_chunk_threads.cuh"
 #include "scan_lane_forward.cuh"
 
 namespace gmamba {
 namespace lane_scan {
 
-constexpr int kBwdStates = 8;
 constexpr int kBwdThreads = chunk_threads::kWarp * chunk_threads::kWarpsPerBlock;
 
-template <typename acc_t>
-constexpr size_t lane_backward_smem() {
-  return static_cast<size_t>(kChunk) * kBwdStates * kBwdThreads * sizeof(acc_t);
+// Steps whose states one pass keeps in shared memory: 16 x 8 or 8 x 16 values per thread.
+template <int kN>
+constexpr int lane_backward_segment() {
+  static_assert(kN == 8 || kN == 16, "lane_backward is built for kN = 8 and 16");
+  return kN == 8 ? kChunk : kChunk / 2;
 }
 
-// The launch's preconditions: d_state <= 8, variable (or grouped) B and C.
-inline bool lane_backward_applies(const ScanShape& s, bool b_variable, bool c_variable) {
-  return s.dstate <= kBwdStates && b_variable && c_variable;
+// Shared-memory rows (kN states each) before the segment's steps: with two segments, the state before
+// the segment lives there too (kept in registers, kN = 16 took 168 registers and spilled 16 bytes).
+template <int kN>
+constexpr int lane_backward_start_rows() {
+  return lane_backward_segment<kN>() < kChunk ? 1 : 0;
+}
+
+template <int kN, typename acc_t>
+constexpr size_t lane_backward_smem() {
+  return static_cast<size_t>(lane_backward_start_rows<kN>() + lane_backward_segment<kN>()) * kN * kBwdThreads *
+         sizeof(acc_t);
+}
+
+// The kN instance that covers this call (8 or 16), 0 where none does: B and C must be variable (or
+// grouped), and d_state above 8 is built for channels-last with float accumulation only. Channels-first,
+// kN = 16 took 255 registers and spilled (the 2 x 16 B / C addresses at stride L stay live across the
+// steps); float64 is for gradcheck.
+inline int lane_backward_states(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
+  if (!b_variable || !c_variable) return 0;
+  if (s.dstate <= 8) return 8;
+  return s.dstate <= 16 && s.channels_last && float_acc ? 16 : 0;
 }
 
 // One step's B or C row: kN values, zero past N. kContiguous (channels-last): vector loads. Otherwise
@@ -48,12 +74,17 @@ __device__ __forceinline__ void load_step_row(const acc_t* row, int N, int64_t s
   }
 }
 
-template <bool kChannelsLast, typename in_t, typename acc_t>
+template <int kN, bool kChannelsLast, typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, acc_t> a, const acc_t* carry) {
   using namespace chunk_threads;
-  constexpr int kN = kBwdStates, T = kChunk;
+  constexpr int T = kChunk, kSeg = lane_backward_segment<kN>(), kSegments = T / kSeg;
+  constexpr int kStartRows = lane_backward_start_rows<kN>();
+  // Steps per reduce-scatter: their kN dB and kN dC values fill the warp's 32 lanes.
+  constexpr int kGroup = kWarp / (2 * kN);
+  static_assert(kGroup * 2 * kN == kWarp && kSeg % kGroup == 0, "whole step groups per segment");
   extern __shared__ unsigned char smem_raw[];
-  acc_t* traj = reinterpret_cast<acc_t*>(smem_raw);  // [T][kN][kBwdThreads]: h after each step
+  // [kStartRows + kSeg][kN][kBwdThreads]: (the state before the segment,) h after each of its steps.
+  acc_t* traj = reinterpret_cast<acc_t*>(smem_raw);
   const ThreadChunk tc = locate(a.f.s, a.tiles);
   if (!tc.live) return;  // whole warps
   const ScanShape& s = a.f.s;
@@ -63,14 +94,21 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
   const int64_t b = ls.b, c = ls.c0, k = ls.k, l0 = ls.k * T;
   const int valid = s.len - l0 < T ? static_cast<int>(s.len - l0) : T;
   const int lane = threadIdx.x % kWarp;
-  auto state = [&](int t, int n) -> acc_t& { return traj[(t * kN + n) * kBwdThreads + threadIdx.x]; };
+  // h after step t0 + t of the segment starting at step t0; t = -1 is the start row (kStartRows = 1).
+  auto state = [&](int t, int n) -> acc_t& {
+    return traj[((t + kStartRows) * kN + n) * kBwdThreads + threadIdx.x];
+  };
+  auto checkpoint = [&](int n) {
+    return active && n < N ? a.f.checkpoints[s.chunk_state_index(b, k, n, c)] : acc_t(0);
+  };
 
+  // h0: with one segment, the chunk's checkpoint (the state before it) in registers.
   acc_t A[kN], h0[kN], g[kN], dA[kN];
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
     const bool real = active && n < N;
     A[n] = real ? a.f.A[c * N + n] : acc_t(0);
-    h0[n] = real ? a.f.checkpoints[s.chunk_state_index(b, k, n, c)] : acc_t(0);
+    h0[n] = kStartRows == 0 && real ? a.f.checkpoints[s.chunk_state_index(b, k, n, c)] : acc_t(0);
     g[n] = real ? carry[s.chunk_state_index(b, k, n, c)] : acc_t(0);
     dA[n] = 0;
   }
@@ -88,86 +126,102 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
     dt = in ? discretize_delta(to_acc(a.f.delta[i], acc_t(0)), bias, s.softplus) : acc_t(0);
   };
 
-  // 1) The chunk's trajectory.
-  {
-    acc_t h[kN];
-#pragma unroll
-    for (int n = 0; n < kN; ++n) h[n] = h0[n];
-#pragma unroll 4
-    for (int t = 0; t < T; ++t) {
-      acc_t u, dt;
-      step_inputs(t, u, dt);
-      acc_t Bv[kN];
-      if (t < valid) {
-        load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
-      } else {
-#pragma unroll
-        for (int n = 0; n < kN; ++n) Bv[n] = 0;
-      }
-      const acc_t dtu = dt * u;
-#pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        h[n] = fast_exp(dt * A[n]) * h[n] + dtu * Bv[n];
-        state(t, n) = h[n];
-      }
-    }
-  }
-
-  // 2) Reverse, two steps at a time: v holds dB (steps t0, t1) then dC (steps t0, t1), 8 states each.
   acc_t dD = 0, dbias = 0;
   const int64_t part_row = ((b * s.groups + ls.g) * a.tiles + tc.tile) * s.dstate;
-#pragma unroll 1
-  for (int pair = T / 2 - 1; pair >= 0; --pair) {
-    acc_t v[2 * T];
+  // Walks the segment of steps [t0, t0 + kSeg) (t0 a compile-time constant), from the checkpoint.
+  auto walk_segment = [&](auto t0_constant) {
+    constexpr int t0 = decltype(t0_constant)::value;
+    // 1) The segment's trajectory: steps before t0 only advance h; the state before t0 goes to the start
+    // row when there is one.
+    {
+      acc_t h[kN];
 #pragma unroll
-    for (int half = 1; half >= 0; --half) {
-      const int t = 2 * pair + half;
-      const bool in = active && t < valid;
-      const int64_t i = s.x_index(b, c, l0 + t);
-      acc_t u, dt;
-      step_inputs(t, u, dt);
-      acc_t Bv[kN], Cv[kN];
-      if (t < valid) {
-        load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
-        load_step_row<kChannelsLast, kN>(C_row + (l0 + t) * a.f.C.sl, N, a.f.C.sn, Cv);
-      } else {
+      for (int n = 0; n < kN; ++n) h[n] = kStartRows == 0 ? h0[n] : checkpoint(n);
+#pragma unroll 4
+      for (int t = 0; t < t0 + kSeg; ++t) {
+        if (kStartRows > 0 && t == t0) {
 #pragma unroll
-        for (int n = 0; n < kN; ++n) Bv[n] = Cv[n] = 0;
-      }
-      const acc_t dout = in ? to_acc(a.dout[i], acc_t(0)) : acc_t(0);
-      const acc_t zt = in && a.f.z ? to_acc(a.f.z[i], acc_t(0)) : acc_t(0);
-      const acc_t dy = a.f.z ? dout * silu(zt) : dout;
-      acc_t y = Dc * u, ddt = 0, gB = 0;
+          for (int n = 0; n < kN; ++n) state(-1, n) = h[n];
+        }
+        acc_t u, dt;
+        step_inputs(t, u, dt);
+        acc_t Bv[kN];
+        if (t < valid) {
+          load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
+        } else {
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        const acc_t ht = state(t, n);
-        const acc_t hp = t > 0 ? state(t - 1, n) : h0[n];
-        const acc_t decay = fast_exp(dt * A[n]);
-        y += Cv[n] * ht;
-        g[n] += Cv[n] * dy;
-        const acc_t g_decay_prev = g[n] * decay * hp;
-        ddt += g_decay_prev * A[n] + g[n] * Bv[n] * u;
-        gB += g[n] * Bv[n];
-        dA[n] += g_decay_prev * dt;
-        v[half * kN + n] = g[n] * dt * u;
-        v[T + half * kN + n] = dy * ht;
-        g[n] *= decay;
-      }
-      if (in) {
-        a.du[i] = static_cast<in_t>(gB * dt + Dc * dy);
-        const acc_t dpre = discretize_delta_grad(to_acc(a.f.delta[i], acc_t(0)), bias, s.softplus, ddt);
-        a.ddelta[i] = static_cast<in_t>(dpre);
-        dbias += dpre;
-        dD += dy * u;
-        if (a.f.z) a.dz[i] = static_cast<in_t>(dout * y * silu_grad(zt));
+          for (int n = 0; n < kN; ++n) Bv[n] = 0;
+        }
+        const acc_t dtu = dt * u;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          h[n] = fast_exp(dt * A[n]) * h[n] + dtu * Bv[n];
+          if (t >= t0) state(t - t0, n) = h[n];
+        }
       }
     }
-    // Lane j ends with the sum over the warp's channels of value j: dB (j < 16) or dC of step
-    // 2 pair + (j / 8) % 2, state j % 8.
-    const acc_t sum = warp_reduce_scatter32(v);
-    const int n = lane % kN;
-    const int64_t l = l0 + 2 * pair + (lane / kN) % 2;
-    if (n < N && l < s.len) (lane < T ? a.dB_part : a.dC_part)[(part_row + n) * s.len + l] = sum;
+
+    // 2) Reverse, kGroup steps at a time: v holds dB (each step of the group) then dC, kN states each.
+#pragma unroll 1
+    for (int group = (t0 + kSeg) / kGroup - 1; group >= t0 / kGroup; --group) {
+      acc_t v[2 * T];
+#pragma unroll
+      for (int half = kGroup - 1; half >= 0; --half) {
+        const int t = kGroup * group + half;
+        const bool in = active && t < valid;
+        const int64_t i = s.x_index(b, c, l0 + t);
+        acc_t u, dt;
+        step_inputs(t, u, dt);
+        acc_t Bv[kN], Cv[kN];
+        if (t < valid) {
+          load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
+          load_step_row<kChannelsLast, kN>(C_row + (l0 + t) * a.f.C.sl, N, a.f.C.sn, Cv);
+        } else {
+#pragma unroll
+          for (int n = 0; n < kN; ++n) Bv[n] = Cv[n] = 0;
+        }
+        const acc_t dout = in ? to_acc(a.dout[i], acc_t(0)) : acc_t(0);
+        const acc_t zt = in && a.f.z ? to_acc(a.f.z[i], acc_t(0)) : acc_t(0);
+        const acc_t dy = a.f.z ? dout * silu(zt) : dout;
+        acc_t y = Dc * u, ddt = 0, gB = 0;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          const acc_t ht = state(t - t0, n);
+          const acc_t hp = kStartRows > 0 || t > t0 ? state(t - t0 - 1, n) : h0[n];
+          const acc_t decay = fast_exp(dt * A[n]);
+          y += Cv[n] * ht;
+          g[n] += Cv[n] * dy;
+          const acc_t g_decay_prev = g[n] * decay * hp;
+          ddt += g_decay_prev * A[n] + g[n] * Bv[n] * u;
+          gB += g[n] * Bv[n];
+          dA[n] += g_decay_prev * dt;
+          v[half * kN + n] = g[n] * dt * u;
+          v[T + half * kN + n] = dy * ht;
+          g[n] *= decay;
+        }
+        if (in) {
+          a.du[i] = static_cast<in_t>(gB * dt + Dc * dy);
+          const acc_t dpre = discretize_delta_grad(to_acc(a.f.delta[i], acc_t(0)), bias, s.softplus, ddt);
+          a.ddelta[i] = static_cast<in_t>(dpre);
+          dbias += dpre;
+          dD += dy * u;
+          if (a.f.z) a.dz[i] = static_cast<in_t>(dout * y * silu_grad(zt));
+        }
+      }
+      // Lane j ends with the sum over the warp's channels of value j: dB (j < 16) or dC of step
+      // kGroup group + (j % 16) / kN, state j % kN.
+      const acc_t sum = warp_reduce_scatter32(v);
+      const int n = lane % kN;
+      const int64_t l = l0 + kGroup * group + (lane % T) / kN;
+      if (n < N && l < s.len) (lane < T ? a.dB_part : a.dC_part)[(part_row + n) * s.len + l] = sum;
+    }
+  };
+  if constexpr (kSegments == 1) {
+    walk_segment(std::integral_constant<int, 0>{});
+  } else {
+    static_assert(kSegments == 2, "one or two segments");
+    walk_segment(std::integral_constant<int, kSeg>{});
+    walk_segment(std::integral_constant<int, 0>{});
   }
 
   if (!active) return;

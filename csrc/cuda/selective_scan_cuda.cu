@@ -14,6 +14,7 @@
 //             fixed-order sum: the backward is bitwise reproducible.
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -321,17 +322,29 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
   });
 }
 
-// Which gradient kernel the backward runs. By default scan_lane_backward.cuh's where it applies (as fast
-// or faster at every shape of GPU runs 20-21), bwd_chunk_grads elsewhere; GMAMBA_CUDA_SCAN_BWD=chunk or
-// =lane forces one (where the lane kernel applies), read per call so tests and
-// benchmarks/ab_scan_bwd_gpu.py can compare the two.
-bool use_lane_backward(const ScanShape& s, bool b_variable, bool c_variable) {
+// Which lane_backward instance (kN = 8 or 16) the backward runs, 0 for bwd_chunk_grads. By default
+// lane_backward<8> wherever it applies (as fast or faster at every shape of GPU runs 20-21) and
+// bwd_chunk_grads elsewhere: lane_backward<16> has not run on a GPU yet. GMAMBA_CUDA_SCAN_BWD=chunk or
+// =lane forces one (lane: where an instance applies, d_state 9..16 included), read per call so tests and
+// benchmarks/ab_scan_bwd_gpu.py can compare them.
+int lane_backward_choice(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
   const char* v = std::getenv("GMAMBA_CUDA_SCAN_BWD");
   const std::string choice = v == nullptr ? "" : v;
   TORCH_CHECK_VALUE(choice.empty() || choice == "chunk" || choice == "lane",
                     "selective_scan: environment variable GMAMBA_CUDA_SCAN_BWD must be 'chunk', 'lane' or unset, got '",
                     choice, "'");
-  return choice != "chunk" && lane_scan::lane_backward_applies(s, b_variable, c_variable);
+  const int states = lane_scan::lane_backward_states(s, b_variable, c_variable, float_acc);
+  if (choice == "chunk" || (choice.empty() && states > 8)) return 0;
+  return states;
+}
+
+template <int kN, bool kChannelsLast, typename in_t, typename acc_t>
+void launch_lane_backward(const ScanBwdArgs<in_t, acc_t>& args, int64_t blocks, const acc_t* carry,
+                          cudaStream_t stream) {
+  const auto kernel = lane_scan::lane_backward<kN, kChannelsLast, in_t, acc_t>;
+  const size_t smem = lane_scan::lane_backward_smem<kN, acc_t>();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<blocks, lane_scan::kBwdThreads, smem, stream>>>(args, carry);
 }
 
 void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& dout,
@@ -350,12 +363,15 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dinitial_state enters holding dlast_state (or zeros) and leaves holding the initial state's gradient.
     launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state, stream);
-    if (use_lane_backward(s, args.f.B.variable, args.f.C.variable)) {
-      const auto kernel = s.channels_last ? lane_scan::lane_backward<true, scalar_t, acc_t>
-                                          : lane_scan::lane_backward<false, scalar_t, acc_t>;
-      const size_t smem = lane_scan::lane_backward_smem<acc_t>();
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      kernel<<<blocks, lane_scan::kBwdThreads, smem, stream>>>(args, carry.data_ptr<acc_t>());
+    constexpr bool kFloatAcc = std::is_same_v<acc_t, float>;
+    const int lane_states = lane_backward_choice(s, args.f.B.variable, args.f.C.variable, kFloatAcc);
+    if (lane_states == 8 && s.channels_last) {
+      launch_lane_backward<8, true>(args, blocks, carry.data_ptr<acc_t>(), stream);
+    } else if (lane_states == 8) {
+      launch_lane_backward<8, false>(args, blocks, carry.data_ptr<acc_t>(), stream);
+    } else if (lane_states == 16) {
+      // Built for channels-last float accumulation only (the only case lane_backward_states picks it for).
+      if constexpr (kFloatAcc) launch_lane_backward<16, true>(args, blocks, carry.data_ptr<acc_t>(), stream);
     } else {
       bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>());
     }
