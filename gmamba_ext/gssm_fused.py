@@ -114,14 +114,16 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
             return x.new_empty(shape if present else (0,), dtype=dtype if present else x.dtype)
 
         out = x.new_empty((B, L, C))
+        cpu = x.device.type == "cpu"
         if not save:
             return out, [], []
         front = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
                  maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)), maybe(fgmm, (B, L, d)),
                  maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
-                 maybe(fusion and x.device.type == "cpu", (B * L, 2 * d)),  # relu(pre): kept on the CPU only
-                 maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d,))]  # Px, Pl, c0
-        scan = [x.new_empty((B, L, d)), x.new_empty((B, L, d))]
+                 maybe(fusion and cpu, (B * L, 2 * d)),  # relu(pre): kept on the CPU only
+                 maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d,)),  # Px, Pl, c0
+                 maybe(fem and cpu, (B, L, d))]  # x1: kept on the CPU only
+        scan = [x.new_empty((B, L, d)), x.new_empty((B, L, d)), maybe(cpu, (B, L, d))]  # x2, y, z1 (CPU only)
         for _ in initial_states:
             xdbl = x.new_empty((B * L, -(-(R + 2 * N) // 4) * 4))[:, :R + 2 * N]  # rows 16-byte aligned
             scan += [xdbl, x.new_empty((B, -(-L // 16), N, d), dtype=acc)]

@@ -30,13 +30,14 @@ enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 
 // What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
 // `front` for the stages before the scan (kLow and the folded weights kPx, kPl, kC0 only with the fusion
-// layer; kRelu, relu(pre), only with it on the CPU: see Layout::keep_relu), `scan` for the scans and
-// out_proj (kScanSaved, then kSavedPerDirection per direction). No two alias each other. The backward runs
+// layer; kRelu, relu(pre), only with it on the CPU: see Layout::keep_relu; kX1 only on the CPU with a
+// frequency stage), `scan` for the scans and out_proj (kScanSaved, then kSavedPerDirection per direction;
+// kZ1 only on the CPU: see Layout::keep_conv). No two alias each other. The backward runs
 // in two ops, scan part first, so that the caller can drop `scan` before the front part runs.
 enum FrontSaved : int {
-  kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kNumFront
+  kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kX1, kNumFront
 };
-enum ScanSaved : int { kX2, kY, kScanSaved };
+enum ScanSaved : int { kX2, kY, kZ1, kScanSaved };
 enum SavedPerDirection : int { kXdbl, kCheckpoints, kSavedPerDirection };
 
 // Sizes and options of one call, checked against the parameter list.
@@ -52,6 +53,10 @@ struct Layout {
   // the GEMMs are most of the time (about 10 % of a forward + backward at C = 768) and no memory target
   // applies; CUDA recomputes it (2 B L d values less at the peak: the <= 0.5x memory target).
   bool keep_relu;
+  // Keep x1 and z1 (conv + SiLU's outputs) from the forward rather than recompute them in each backward op
+  // (two conv_silu passes, about 4 % of a CPU forward + backward at C = 96): on the CPU, for the same
+  // reason; CUDA recomputes them (the memory target).
+  bool keep_conv;
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 
   int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }

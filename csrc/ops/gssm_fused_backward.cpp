@@ -1,8 +1,8 @@
 // The gradient of gssm_fwd for x, every parameter and the initial scan states, written out stage by stage in
 // reverse (each step's formula beside it), as two ops: gssm_bwd_scan (out_proj and the scans) then
 // gssm_bwd_front (FGMM, the gate, FEM, conv, in_proj), so that the caller frees the scan's saved tensors
-// between them. Recomputed rather than saved: x1 and z1 (one conv_silu pass each op), each direction's
-// delta (one GEMM), on CUDA the fusion layer's relu(pre) (two GEMMs). Intermediates are released as soon
+// between them. Recomputed rather than saved: on CUDA x1 and z1 (one conv_silu pass each op) and the fusion
+// layer's relu(pre) (two GEMMs); each direction's delta (one GEMM). Intermediates are released as soon
 // as they are consumed, and masks are applied in place: peak memory is the point of these details.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -137,12 +137,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
   std::vector<at::Tensor> g(params.size());
   const at::Tensor go = as_dtype(dout.reshape({BL, s.C}), s.dt);
 
-  // 8. out = y Wy^T + z1 Wz^T (z1 recomputed, dropped at once; dz1 is the front op's)
+  // 8. out = y Wy^T + z1 Wz^T (z1 saved on the CPU, else recomputed and dropped at once; dz1 is the front op's)
   const int out_i = s.out_proj_index();
   const at::Tensor w_out = w(out_i);
   {
     const auto [conv_w, conv_b] = conv_weights(w);
-    const at::Tensor z1 = std::get<1>(call_conv_silu_fwd(xz, conv_w, conv_b));
+    const at::Tensor z1 = s.keep_conv ? saved[kZ1] : std::get<1>(call_conv_silu_fwd(xz, conv_w, conv_b));
     g[out_i] = at::cat({at::mm(go.t(), saved[kY].view({BL, d})), at::mm(go.t(), z1.view({BL, d}))}, 1);
   }
   at::Tensor dy = at::mm(go, w_out.narrow(1, 0, d)).view({s.B, s.L, d});
@@ -191,8 +191,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
   const at::Tensor xz = saved[kXz];
   const auto [conv_w, conv_b] = conv_weights(w);
 
-  // 3-6. FGMM, gate, FEM (x1 recomputed; z1 dropped here, not kept alive by the call's temporaries)
-  at::Tensor x1 = std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b));
+  // 3-6. FGMM, gate, FEM (x1 saved on the CPU, else recomputed, z1 dropped here, not kept alive by the
+  // call's temporaries; without a frequency stage x1 is not read)
+  at::Tensor x1;
+  if (s.fem) x1 = s.keep_conv ? saved[kX1] : std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b));
   at::Tensor dx1 = frequency_backward(w, saved, x1, dx2, g);
   x1.reset();
 

@@ -37,6 +37,7 @@ Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::Ten
   s.corner = m == "corner";
   s.single_dt_bias = single_dt_bias;
   s.keep_relu = s.fusion && device.is_cpu();
+  s.keep_conv = device.is_cpu();
   s.dt = dt;
   s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,

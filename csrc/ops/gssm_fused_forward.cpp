@@ -116,10 +116,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
     list.push_back(t.defined() ? t : absent(x));
   };
   // low only where the backward reads it (the fusion layer); in dft_fgmm_ssm it is Fm itself.
+  // x1 only with a frequency stage: without one x2 is x1, saved in `scan`, and the front's backward does
+  // not read x1.
   for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.Fm, f.hid, f.gate_logit, f.fc, f.pool_s,
-                              f.mix_a, f.gate_g, f.relu, f.folded.Px, f.folded.Pl, f.folded.c0})
+                              f.mix_a, f.gate_g, f.relu, f.folded.Px, f.folded.Pl, f.folded.c0,
+                              s.keep_conv && s.fem ? x1 : at::Tensor()})
     keep(front, t);
-  for (const at::Tensor& t : {f.x2, y}) keep(scan, t);
+  for (const at::Tensor& t : {f.x2, y, s.keep_conv ? z1 : at::Tensor()}) keep(scan, t);
   for (const at::Tensor& t : per_direction) keep(scan, t);
   return {out, front, scan};
 }
