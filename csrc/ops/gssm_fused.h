@@ -84,6 +84,24 @@ inline at::Tensor aligned_rows(int64_t rows, int64_t cols, const at::TensorOptio
   return at::empty({rows, (cols + 3) / 4 * 4}, options).narrow(1, 0, cols);
 }
 
+// Skinny GEMMs over the B L token rows whose operands have a side of 6-12 columns (dt_proj, FGMM's second
+// layer), in the orientation that is faster on the CPU: oneDNN took 2-7x longer for these as written below
+// than transposed (B L = 32768, 2 threads: (48, 6) weight gradient 2.0-2.5 -> 0.33-0.39 ms, (B L, 6)
+// product into dxdbl's columns 2.1 -> 0.4-0.65 ms, (48, 12) weight gradient 0.8-0.9 -> 0.5-0.6 ms). CUDA
+// keeps the plain form (not measured there).
+// dY^T X, a layer's weight gradient from its output gradient dY (rows, n) and input X (rows, k).
+inline at::Tensor skinny_weight_grad(const at::Tensor& dY, const at::Tensor& X) {
+  return dY.is_cpu() ? at::mm(X.t(), dY).t().contiguous() : at::mm(dY.t(), X);
+}
+// out = X W for X (rows, k) and a small W (k, n), out a (rows, n) view with row stride >= n.
+inline void skinny_product_into(at::Tensor out, const at::Tensor& X, const at::Tensor& W) {
+  if (X.is_cpu()) {
+    out.copy_(at::mm(W.t(), X.t()).t());
+  } else {
+    at::mm_out(out, X, W);
+  }
+}
+
 // Parameters as the computation uses them.
 struct Weights {
   at::TensorList p;

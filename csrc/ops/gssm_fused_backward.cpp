@@ -62,7 +62,7 @@ at::Tensor fgmm_backward(const Weights& w, at::TensorList saved, const at::Tenso
   const at::Tensor hid = saved[kHid];
   g[kGate2W] = at::mm(dgl.t(), hid.narrow(1, 0, s.E4));
   g[kGate2B] = dgl.sum(0);
-  g[kFconv2W] = at::mm(dc.t(), hid.narrow(1, s.E4, s.d4));
+  g[kFconv2W] = skinny_weight_grad(dc, hid.narrow(1, s.E4, s.d4));
   g[kFconv2B] = dc.sum(0);
   at::Tensor dhid = at::cat({at::mm(dgl, w(kGate2W)), at::mm(dc, w(kFconv2W).reshape({d, s.d4}))}, 1);
   dc.reset();
@@ -160,10 +160,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
     g[s.scan_index(k, kALog)] = r[2] * o.A;  // A = -exp(A_log)
     g[s.scan_index(k, kD)] = r[5];
     g[s.scan_index(k, kDtB)] = s.single_dt_bias ? r[7] : r[7] + as_dtype(ddelta.sum(0), s.acc);
-    g[s.scan_index(k, kDtW)] = at::mm(ddelta.t(), o.dt_in);
+    g[s.scan_index(k, kDtW)] = skinny_weight_grad(ddelta, o.dt_in);
     at::Tensor dxdbl = aligned_rows(BL, s.R + 2 * s.N, u.options());  // [d dt_in | dB | dC]
-    at::Tensor ddt_in = dxdbl.narrow(1, 0, s.R);
-    at::mm_out(ddt_in, ddelta, w(s.scan_index(k, kDtW)));
+    skinny_product_into(dxdbl.narrow(1, 0, s.R), ddelta, w(s.scan_index(k, kDtW)));
     dxdbl.narrow(1, s.R, s.N).copy_(r[3].view({BL, s.N}));
     dxdbl.narrow(1, s.R + s.N, s.N).copy_(r[4].view({BL, s.N}));
     g[s.scan_index(k, kXProj)] = at::mm(dxdbl.t(), u.view({BL, d}));
