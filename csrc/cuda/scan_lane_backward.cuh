@@ -5,19 +5,19 @@
 // Same work split as bwd_chunk_grads (one thread per (batch, channel, 16-step chunk), a warp over 32
 // channels of one chunk) and the same inputs (the chunk's checkpoint and its end adjoint from the summary
 // pass and chain_chunks), but every state in registers and steps outer:
-//   1) recompute the chunk's states from the checkpoint into shared memory (kSeg steps x kN states,
-//      512 B per thread);
+//   1) recompute the chunk's states from the checkpoint into shared memory (kSeg steps x kN states);
 //   2) walk the steps in reverse with B and C rows as vector loads (channels-last; one broadcast address
 //      per warp and state in channels-first), finishing du, ddelta and dz step by step (no per-step
 //      arrays), and hand the kN dB + kN dC values of 32 / (2 kN) steps to the warp's fixed-order
 //      reduce-scatter (32 values, one per lane).
-// kN = 8 keeps the whole chunk (kSeg = 16). kN = 16 would need 128 KB of shared memory per block for
-// that, so it walks the chunk in two segments of 8 steps, the later first: steps 0..7 are recomputed
-// twice (once to reach step 8's start state), a third more exps than one pass, in 64 KB per block.
+// kN = 8 keeps the whole chunk (kSeg = 16: 512 B per thread, 64 KB per block). kN = 16 would need 128 KB
+// per block for that, so it walks the chunk in two segments of 8 steps, the later first: steps 0..7 are
+// recomputed twice (once to reach step 8's start state), a half more exps than one pass, and the state
+// before the segment takes a ninth row (576 B per thread, 72 KB per block).
 // bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers at N = 8:
-// 2 blocks per SM, 12.5 % occupancy); this kernel needs 153 registers channels-last, 168 channels-first,
-// and 64 KB of shared memory per block (3 blocks, 18.75 %) at kN = 8. float64 spills a little
-// (gradcheck only); kN = 16 is built for channels-last float accumulation only. H200, float32, (8, 4096, 96, 8), ncu: 146 against 282 us
+// 2 blocks per SM, 12.5 % occupancy); at kN = 8 this kernel needs 150 registers channels-last, 168
+// channels-first (3 blocks per SM, 18.75 %), at kN = 16 (channels-last, float accumulation only) 167.
+// float64 spills a little (gradcheck only). H200, float32, (8, 4096, 96, 8), ncu: 146 against 282 us
 // channels-last, 283 against 321 us channels-first; the whole backward op 1.25x-1.45x faster
 // channels-last at L >= 1024 (about even at L = 256), 1.04x-1.35x channels-first
 // (benchmarks/results/2026-11-27-h200-523eab7/ab_scan_bwd.md).
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
   for (int n = 0; n < kN; ++n) {
     const bool real = active && n < N;
     A[n] = real ? a.f.A[c * N + n] : acc_t(0);
-    h0[n] = kStartRows == 0 && real ? a.f.checkpoints[s.chunk_state_index(b, k, n, c)] : acc_t(0);
+    h0[n] = kStartRows == 0 ? checkpoint(n) : acc_t(0);
     g[n] = real ? carry[s.chunk_state_index(b, k, n, c)] : acc_t(0);
     dA[n] = 0;
   }
