@@ -2,7 +2,6 @@
 gmamba_ext.gssm, odd sizes, every variant), for compute-sanitizer (memcheck) in benchmarks/device_check.sh:
 out-of-bounds or misaligned accesses show up there, not in results."""
 import itertools
-import os
 
 import torch
 
@@ -13,8 +12,8 @@ CASES = list(itertools.product([(2, 40, 37, 5), (1, 33, 16, 3)], ["var", "grp", 
                                [torch.float32, torch.bfloat16]))
 CASES += list(itertools.product([(1, 33, 1000, 3), (2, 5, 2600, 2), (1, 3, 16429, 2)], ["var"], [False, True],
                                 [torch.float32]))
-# d_state 9..16, channels-last: lane_backward<16> runs only when asked for (GMAMBA_CUDA_SCAN_BWD=lane).
-LANE16_CASES = list(itertools.product([(2, 40, 37, 13), (1, 33, 16, 16)], ["var", "grp"], [True],
+# d_state 9..16, both layouts: lane_backward<16> (channels-first: B / C rows staged in shared memory).
+LANE16_CASES = list(itertools.product([(2, 40, 37, 13), (1, 33, 16, 16)], ["var", "grp"], [False, True],
                                       [torch.float32, torch.bfloat16]))
 
 
@@ -40,12 +39,8 @@ def run_case(batch, d, L, N, mode, cl, dtype):
     (out.float().sum() + last.sum()).backward()
 
 
-for (batch, d, L, N), mode, cl, dtype in CASES:
+for (batch, d, L, N), mode, cl, dtype in CASES + LANE16_CASES:
     run_case(batch, d, L, N, mode, cl, dtype)
-os.environ["GMAMBA_CUDA_SCAN_BWD"] = "lane"
-for (batch, d, L, N), mode, cl, dtype in LANE16_CASES:
-    run_case(batch, d, L, N, mode, cl, dtype)
-os.environ.pop("GMAMBA_CUDA_SCAN_BWD")
 
 for variant, (batch, H, W, C), dtype in itertools.product(
         ["full", "fem_ssm", "dft_fgmm_ssm"], [(2, 7, 9, 40), (1, 3, 70, 16)], [torch.float32, torch.bfloat16]):

@@ -118,6 +118,13 @@ LANE_BWD_CASES = [
     case(batch=2, d=16, L=100, N=9, dtype=torch.float16, layout="cl", **full),
     case(batch=2, d=16, L=49, N=16, **full),
     case(batch=2, d=12, L=49, N=16, dtype=torch.float64, layout="cl", **full),
+    # Channels-first d_state 9..16: lane_backward<16> with B / C rows staged in shared memory.
+    case(batch=2, d=40, L=196, N=16, b_mode="grouped", c_mode="grouped", groups=2, **full),
+    case(batch=2, d=64, L=102, N=12, **full),
+    case(batch=1, d=33, L=4097, N=16, D=True, z=True, last_state=True),
+    case(batch=2, d=16, L=100, N=16, dtype=torch.bfloat16, **full),
+    case(batch=2, d=16, L=101, N=9, dtype=torch.float16, **full),
+    case(batch=2, d=12, L=49, N=16, dtype=torch.float64, **full),
 ]
 
 
@@ -390,8 +397,7 @@ def test_cuda_indices_past_2_31():
 @pytest.mark.parametrize("b_mode,c_mode,groups", BC_MODES)
 @pytest.mark.parametrize("N", [5, 13])
 def test_cuda_gradients_with_uninitialised_memory_as_nan(kernel, layout, b_mode, c_mode, groups, N, monkeypatch):
-    """Every element of du, ddelta, dz (allocated uninitialised) is written by both gradient kernels (N = 13:
-    lane_backward<16>, channels-last), and likewise every partial buffer once the CUDA backend stops
-    zero-filling them."""
+    """Every element of du, ddelta, dz and of every partial buffer (all allocated uninitialised) is written by
+    both gradient kernels (N = 13: lane_backward<16>, either layout)."""
     monkeypatch.setenv("GMAMBA_CUDA_SCAN_BWD", kernel)
     check_grads_with_uninitialised_memory_as_nan(layout, b_mode, c_mode, groups, DEVICE, N=N)

@@ -1,7 +1,7 @@
 #pragma once
-// The gradient pass of the CUDA backward for variable B and C with d_state <= 16, either layout. For
-// d_state <= 8 it is the default since GPU runs 20-21; for 9..16 it runs only when GMAMBA_CUDA_SCAN_BWD=lane
-// asks for it, until a GPU run has measured it (see selective_scan_cuda.cu and docs/KERNELS.md).
+// The gradient pass of the CUDA backward for variable B and C with d_state <= 16, either layout: the default
+// there (d_state <= 8 since GPU runs 20-21, channels-last 9..16 since run 22; channels-first 9..16, with B / C
+// rows staged in shared memory, is new: see selective_scan_cuda.cu and docs/KERNELS.md).
 // Same work split as bwd_chunk_grads (one thread per (batch, channel, 16-step chunk), a warp over 32
 // channels of one chunk) and the same inputs (the chunk's checkpoint and its end adjoint from the summary
 // pass and chain_chunks), but every state in registers and steps outer:
@@ -16,7 +16,8 @@
 // before the segment takes a ninth row (576 B per thread, 72 KB per block).
 // bwd_chunk_grads keeps per-step arrays for every state in registers instead (217 registers at N = 8:
 // 2 blocks per SM, 12.5 % occupancy); at kN = 8 this kernel needs 150 registers channels-last, 168
-// channels-first (3 blocks per SM, 18.75 %), at kN = 16 (channels-last, float accumulation only) 167.
+// channels-first (3 blocks per SM, 18.75 %), at kN = 16 (float accumulation only) 167 / 168 (channels-first
+// with 2 KB more shared memory per block for the staged rows: 74 KB, still 3 blocks per SM).
 // float64 spills a little (gradcheck only). H200, float32, (8, 4096, 96, 8), ncu: 146 against 282 us
 // channels-last, 283 against 321 us channels-first; the whole backward op 1.25x-1.45x faster
 // channels-last at L >= 1024 (about even at L = 256), 1.04x-1.35x channels-first
@@ -45,20 +46,29 @@ constexpr int lane_backward_start_rows() {
   return lane_backward_segment<kN>() < kChunk ? 1 : 0;
 }
 
-template <int kN, typename acc_t>
+// Channels-first with kN = 16: B and C rows lie at stride L, and their 2 x 16 addresses, live across the
+// steps, took 255 registers and spilled. So each warp stages kStageSteps steps of both in shared memory
+// ([B | C][step][kN], zero past N and past L) with loads along L, and each step reads its rows back as
+// broadcast vectors. kN = 8 channels-first keeps its direct loads (168 registers, verified in runs 20-22).
+constexpr int kStageSteps = 4;
+template <int kN, bool kChannelsLast>
+constexpr bool lane_backward_stages_rows() {
+  return !kChannelsLast && kN == 16;
+}
+
+template <int kN, bool kChannelsLast, typename acc_t>
 constexpr size_t lane_backward_smem() {
-  return static_cast<size_t>(lane_backward_start_rows<kN>() + lane_backward_segment<kN>()) * kN * kBwdThreads *
-         sizeof(acc_t);
+  const size_t traj = static_cast<size_t>(lane_backward_start_rows<kN>() + lane_backward_segment<kN>()) * kN * kBwdThreads;
+  const size_t stage = lane_backward_stages_rows<kN, kChannelsLast>() ? 2 * kStageSteps * kN * kBwdThreads / chunk_threads::kWarp : 0;
+  return (traj + stage) * sizeof(acc_t);
 }
 
 // The kN instance that covers this call (8 or 16), 0 where none does: B and C must be variable (or
-// grouped), and d_state above 8 is built for channels-last with float accumulation only. Channels-first,
-// kN = 16 took 255 registers and spilled (the 2 x 16 B / C addresses at stride L stay live across the
-// steps); float64 is for gradcheck.
+// grouped), and d_state above 8 is built for float accumulation only (float64 is for gradcheck).
 inline int lane_backward_states(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
   if (!b_variable || !c_variable) return 0;
   if (s.dstate <= 8) return 8;
-  return s.dstate <= 16 && s.channels_last && float_acc ? 16 : 0;
+  return s.dstate <= 16 && float_acc ? 16 : 0;
 }
 
 // One step's B or C row: kN values, zero past N. kContiguous (channels-last): vector loads. Otherwise
@@ -74,6 +84,21 @@ __device__ __forceinline__ void load_step_row(const acc_t* row, int N, int64_t s
   }
 }
 
+// A staged row back from shared memory (16-byte aligned): kN values, zeros included.
+template <int kN, typename acc_t>
+__device__ __forceinline__ void read_staged_row(const acc_t* row, acc_t (&out)[kN]) {
+  if constexpr (std::is_same_v<acc_t, float> && kN % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < kN / 4; ++j) {
+      const float4 v = reinterpret_cast<const float4*>(row)[j];
+      out[4 * j] = v.x, out[4 * j + 1] = v.y, out[4 * j + 2] = v.z, out[4 * j + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) out[n] = row[n];
+  }
+}
+
 template <int kN, bool kChannelsLast, typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, acc_t> a, const acc_t* carry) {
   using namespace chunk_threads;
@@ -82,9 +107,12 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
   // Steps per reduce-scatter: their kN dB and kN dC values fill the warp's 32 lanes.
   constexpr int kGroup = kWarp / (2 * kN);
   static_assert(kGroup * 2 * kN == kWarp && kSeg % kGroup == 0, "whole step groups per segment");
-  extern __shared__ unsigned char smem_raw[];
-  // [kStartRows + kSeg][kN][kBwdThreads]: (the state before the segment,) h after each of its steps.
+  constexpr bool kStage = lane_backward_stages_rows<kN, kChannelsLast>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // [kStartRows + kSeg][kN][kBwdThreads]: (the state before the segment,) h after each of its steps;
+  // then, with kStage, each warp's [2][kStageSteps][kN] staged B and C rows.
   acc_t* traj = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* stage = traj + (kStartRows + kSeg) * kN * kBwdThreads + (threadIdx.x / kWarp) * (2 * kStageSteps * kN);
   const ThreadChunk tc = locate(a.f.s, a.tiles);
   if (!tc.live) return;  // whole warps
   const ScanShape& s = a.f.s;
@@ -117,6 +145,34 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
   const acc_t* B_row = a.f.B.ptr + b * a.f.B.sb + ls.g * a.f.B.sg;
   const acc_t* C_row = a.f.C.ptr + b * a.f.C.sb + ls.g * a.f.C.sg;
 
+  // kStage: the whole warp stages steps [t, t + kStageSteps) of B (and C), lanes along L.
+  auto stage_rows = [&](int t, bool with_c) {
+    constexpr int kPerMatrix = kStageSteps * kN;
+    __syncwarp();  // every lane is done with the rows staged before
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      if (m == 1 && !with_c) break;
+      const acc_t* row = m == 0 ? B_row : C_row;
+      const int64_t sn = m == 0 ? a.f.B.sn : a.f.C.sn, sl = m == 0 ? a.f.B.sl : a.f.C.sl;
+#pragma unroll
+      for (int r = 0; r < kPerMatrix / kWarp; ++r) {
+        const int e = r * kWarp + lane, n = e / kStageSteps, q = e % kStageSteps;
+        const int64_t l = l0 + t + q;
+        stage[m * kPerMatrix + q * kN + n] = n < N && l < s.len ? __ldg(row + n * sn + l * sl) : acc_t(0);
+      }
+    }
+    __syncwarp();
+  };
+  // Step t's B or C row (zero past N).
+  auto load_B = [&](int t, acc_t(&out)[kN]) {
+    if constexpr (kStage) read_staged_row<kN>(stage + (t % kStageSteps) * kN, out);
+    else load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, out);
+  };
+  auto load_C = [&](int t, acc_t(&out)[kN]) {
+    if constexpr (kStage) read_staged_row<kN>(stage + (kStageSteps + t % kStageSteps) * kN, out);
+    else load_step_row<kChannelsLast, kN>(C_row + (l0 + t) * a.f.C.sl, N, a.f.C.sn, out);
+  };
+
   // A step's u and dt (both 0 on padding steps and lanes: identity steps). Recomputed in the reverse
   // walk rather than kept: per-step arrays held across the walk took every register (ptxas: 255).
   auto step_inputs = [&](int t, acc_t& u, acc_t& dt) {
@@ -143,11 +199,12 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
 #pragma unroll
           for (int n = 0; n < kN; ++n) state(-1, n) = h[n];
         }
+        if (kStage && t % kStageSteps == 0) stage_rows(t, false);
         acc_t u, dt;
         step_inputs(t, u, dt);
         acc_t Bv[kN];
         if (t < valid) {
-          load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
+          load_B(t, Bv);
         } else {
 #pragma unroll
           for (int n = 0; n < kN; ++n) Bv[n] = 0;
@@ -168,14 +225,15 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
 #pragma unroll
       for (int half = kGroup - 1; half >= 0; --half) {
         const int t = kGroup * group + half;
+        if (kStage && t % kStageSteps == kStageSteps - 1) stage_rows(t - (kStageSteps - 1), true);
         const bool in = active && t < valid;
         const int64_t i = s.x_index(b, c, l0 + t);
         acc_t u, dt;
         step_inputs(t, u, dt);
         acc_t Bv[kN], Cv[kN];
         if (t < valid) {
-          load_step_row<kChannelsLast, kN>(B_row + (l0 + t) * a.f.B.sl, N, a.f.B.sn, Bv);
-          load_step_row<kChannelsLast, kN>(C_row + (l0 + t) * a.f.C.sl, N, a.f.C.sn, Cv);
+          load_B(t, Bv);
+          load_C(t, Cv);
         } else {
 #pragma unroll
           for (int n = 0; n < kN; ++n) Bv[n] = Cv[n] = 0;

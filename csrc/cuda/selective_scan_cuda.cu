@@ -323,26 +323,24 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
 }
 
 // Which lane_backward instance (kN = 8 or 16) the backward runs, 0 for bwd_chunk_grads. By default
-// lane_backward<8> wherever it applies (as fast or faster at every shape of GPU runs 20-21) and
-// bwd_chunk_grads elsewhere: lane_backward<16> has not run on a GPU yet. GMAMBA_CUDA_SCAN_BWD=chunk or
-// =lane forces one (lane: where an instance applies, d_state 9..16 included), read per call so tests and
-// benchmarks/ab_scan_bwd_gpu.py can compare them.
+// lane_backward wherever an instance applies (d_state <= 8 since GPU runs 20-21: as fast or faster at every
+// shape; channels-last d_state 9..16 since run 22: 1.08x-1.59x), bwd_chunk_grads elsewhere.
+// GMAMBA_CUDA_SCAN_BWD=chunk forces bwd_chunk_grads, =lane (the default) the lane kernel where it applies;
+// read per call so tests and benchmarks/ab_scan_bwd_gpu.py can compare them.
 int lane_backward_choice(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
   const char* v = std::getenv("GMAMBA_CUDA_SCAN_BWD");
   const std::string choice = v == nullptr ? "" : v;
   TORCH_CHECK_VALUE(choice.empty() || choice == "chunk" || choice == "lane",
                     "selective_scan: environment variable GMAMBA_CUDA_SCAN_BWD must be 'chunk', 'lane' or unset, got '",
                     choice, "'");
-  const int states = lane_scan::lane_backward_states(s, b_variable, c_variable, float_acc);
-  if (choice == "chunk" || (choice.empty() && states > 8)) return 0;
-  return states;
+  return choice == "chunk" ? 0 : lane_scan::lane_backward_states(s, b_variable, c_variable, float_acc);
 }
 
 template <int kN, bool kChannelsLast, typename in_t, typename acc_t>
 void launch_lane_backward(const ScanBwdArgs<in_t, acc_t>& args, int64_t blocks, const acc_t* carry,
                           cudaStream_t stream) {
   const auto kernel = lane_scan::lane_backward<kN, kChannelsLast, in_t, acc_t>;
-  const size_t smem = lane_scan::lane_backward_smem<kN, acc_t>();
+  const size_t smem = lane_scan::lane_backward_smem<kN, kChannelsLast, acc_t>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<blocks, lane_scan::kBwdThreads, smem, stream>>>(args, carry);
 }
@@ -370,8 +368,11 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
     } else if (lane_states == 8) {
       launch_lane_backward<8, false>(args, blocks, carry.data_ptr<acc_t>(), stream);
     } else if (lane_states == 16) {
-      // Built for channels-last float accumulation only (the only case lane_backward_states picks it for).
-      if constexpr (kFloatAcc) launch_lane_backward<16, true>(args, blocks, carry.data_ptr<acc_t>(), stream);
+      // Built for float accumulation only (the only case lane_backward_states picks it for).
+      if constexpr (kFloatAcc) {
+        if (s.channels_last) launch_lane_backward<16, true>(args, blocks, carry.data_ptr<acc_t>(), stream);
+        else launch_lane_backward<16, false>(args, blocks, carry.data_ptr<acc_t>(), stream);
+      }
     } else {
       bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>());
     }
@@ -381,7 +382,10 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
 
 struct CudaBackend {
   static const ScanBackend& get() {
-    static const ScanBackend backend{forward_cuda, backward_cuda, kWarp};
+    // Every partial element is written by either gradient kernel (GPU run 23's NaN-filled-memory test), so
+    // the partial buffers are not zero-filled first.
+    static const ScanBackend backend{forward_cuda, backward_cuda, kWarp, /*bc_partial_rows=*/nullptr,
+                                     /*writes_every_partial=*/true};
     return backend;
   }
 };
