@@ -1,7 +1,7 @@
 #pragma once
 // The gradient pass of the CUDA backward for variable B and C with d_state <= 16, either layout: the default
-// there (d_state <= 8 since GPU runs 20-21, channels-last 9..16 since run 22; channels-first 9..16, with B / C
-// rows staged in shared memory, is new: see selective_scan_cuda.cu and docs/KERNELS.md).
+// there (d_state <= 8 since GPU runs 20-21, 9..16 since runs 24-25; see selective_scan_cuda.cu and
+// docs/KERNELS.md).
 // Same work split as bwd_chunk_grads (one thread per (batch, channel, 16-step chunk), a warp over 32
 // channels of one chunk) and the same inputs (the chunk's checkpoint and its end adjoint from the summary
 // pass and chain_chunks), but every state in registers and steps outer:
@@ -21,7 +21,8 @@
 // float64 spills a little (gradcheck only). H200, float32, (8, 4096, 96, 8), ncu: 146 against 282 us
 // channels-last, 283 against 321 us channels-first; the whole backward op 1.25x-1.45x faster
 // channels-last at L >= 1024 (about even at L = 256), 1.04x-1.35x channels-first
-// (benchmarks/results/2026-11-27-h200-523eab7/ab_scan_bwd.md).
+// (benchmarks/results/2026-11-27-h200-523eab7/ab_scan_bwd.md). kN = 16, (8, 2048-3136, 1536, 16): 1.6x
+// channels-last, 1.1x-1.3x channels-first (2026-11-27-h200-48eb045/ab_n16/ab_scan_bwd.md).
 #include <type_traits>
 
 #include "scan_chunk_threads.cuh"

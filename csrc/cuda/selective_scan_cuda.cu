@@ -324,7 +324,8 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
 
 // Which lane_backward instance (kN = 8 or 16) the backward runs, 0 for bwd_chunk_grads. By default
 // lane_backward wherever an instance applies (d_state <= 8 since GPU runs 20-21: as fast or faster at every
-// shape; channels-last d_state 9..16 since run 22: 1.08x-1.59x), bwd_chunk_grads elsewhere.
+// shape; d_state 9..16 since runs 24-25: 1.27x-1.61x channels-last, 1.00x-1.42x channels-first), and
+// bwd_chunk_grads elsewhere (constant B or C, d_state > 16, float64 at d_state > 8).
 // GMAMBA_CUDA_SCAN_BWD=chunk forces bwd_chunk_grads, =lane (the default) the lane kernel where it applies;
 // read per call so tests and benchmarks/ab_scan_bwd_gpu.py can compare them.
 int lane_backward_choice(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
@@ -382,7 +383,7 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
 
 struct CudaBackend {
   static const ScanBackend& get() {
-    // Every partial element is written by either gradient kernel (GPU run 23's NaN-filled-memory test), so
+    // Every partial element is written by either gradient kernel (GPU run 25's NaN-filled-memory test), so
     // the partial buffers are not zero-filled first.
     static const ScanBackend backend{forward_cuda, backward_cuda, kWarp, /*bc_partial_rows=*/nullptr,
                                      /*writes_every_partial=*/true};
