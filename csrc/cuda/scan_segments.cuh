@@ -21,16 +21,30 @@ struct SegmentPlan {
 // Segments run as gridDim.y, whose limit is 65535.
 constexpr int64_t kMaxSegments = 65535;
 
-// As few segments as give `want` (row, segment) workers, each a multiple of `unit` steps, at most
-// kMaxSegments (rows of more than 65535 units then take longer segments).
-inline SegmentPlan plan_segments(int64_t rows, int64_t len, int64_t unit, int64_t want) {
+// Segments of whole `unit`s of steps for `rows` rows, given how many (row, segment) workers the output
+// kernel holds at once (`capacity`: one wave). Up to the fewest segments that fill a wave, the plan with the
+// least (waves x segment length), a summary pass (segments > 1) counted as half an output pass; ties go to
+// fewer segments. Aiming at a full wave alone overshot it: (8, 1536, 2048, 16) channels-last took 7
+// segments, 1.27 waves of channels_forward<16> (4 blocks per SM), so the output pass ran two waves (ncu,
+// GPU run 26). At most kMaxSegments (rows of more than 65535 units then take longer segments).
+inline SegmentPlan plan_segments(int64_t rows, int64_t len, int64_t unit, int64_t capacity) {
   const int64_t units = (len + unit - 1) / unit;
-  int64_t count = rows >= want ? 1 : (want + rows - 1) / rows;
-  if (count > units) count = units;
-  if (count > kMaxSegments) count = kMaxSegments;
-  if (count < 1) count = 1;
-  const int64_t per = (units + count - 1) / count;
-  return {(units + per - 1) / per, per * unit};
+  if (rows < 1) rows = 1;
+  if (capacity < 1) capacity = 1;
+  int64_t fill = rows >= capacity ? 1 : (capacity + rows - 1) / rows;
+  if (fill > units) fill = units;
+  if (fill > kMaxSegments) fill = kMaxSegments;
+  if (fill < 1) fill = 1;
+  SegmentPlan best{1, units * unit};
+  int64_t best_cost = -1;
+  for (int64_t c = 1; c <= fill; ++c) {
+    const int64_t per = (units + c - 1) / c, count = (units + per - 1) / per;
+    if (count < c) continue;  // the same plan as a smaller c
+    const int64_t waves = (rows * count + capacity - 1) / capacity;
+    const int64_t cost = waves * per * (count > 1 ? 3 : 2);  // in half output passes of one unit
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = {count, per * unit};
+  }
+  return best;
 }
 
 }  // namespace gmamba
