@@ -15,6 +15,8 @@ namespace gmamba {
 namespace lane_scan {
 
 constexpr int kThreads = 128;
+// Threads per SM the segment plan aims at, at most (registers allow 4-6 blocks of 128 threads).
+constexpr int kThreadsPerSM = 640;
 
 // N values of a B or C row (zero past N): 16-byte vector loads when the row is whole and aligned.
 template <int kN, typename acc_t>

@@ -21,17 +21,18 @@ struct SegmentPlan {
 // Segments run as gridDim.y, whose limit is 65535.
 constexpr int64_t kMaxSegments = 65535;
 
-// Segments of whole `unit`s of steps for `rows` rows, given how many (row, segment) workers the output
-// kernel holds at once (`capacity`: one wave). Up to the fewest segments that fill a wave, the plan with the
-// least (waves x segment length), a summary pass (segments > 1) counted as half an output pass; ties go to
-// fewer segments. Aiming at a full wave alone overshot it: (8, 1536, 2048, 16) channels-last took 7
-// segments, 1.27 waves of channels_forward<16> (4 blocks per SM), so the output pass ran two waves (ncu,
-// GPU run 26). At most kMaxSegments (rows of more than 65535 units then take longer segments).
-inline SegmentPlan plan_segments(int64_t rows, int64_t len, int64_t unit, int64_t capacity) {
+// Segments of whole `unit`s of steps for `rows` rows. `aim`: the (row, segment) workers to aim for (the
+// fewest segments that reach it bound the count); `capacity`: how many the output kernel holds at once (one
+// wave). Up to that bound, the plan with the least (waves x segment length), a summary pass (segments > 1)
+// counted as half an output pass; ties go to fewer segments. The aim alone overshot: (8, 1536, 2048, 16)
+// channels-last took 7 segments, 1.27 waves of channels_forward<16> (4 blocks per SM), so its output pass
+// ran two waves (ncu, GPU run 26). At most kMaxSegments (rows of more than 65535 units then take longer
+// segments).
+inline SegmentPlan plan_segments(int64_t rows, int64_t len, int64_t unit, int64_t aim, int64_t capacity) {
   const int64_t units = (len + unit - 1) / unit;
   if (rows < 1) rows = 1;
   if (capacity < 1) capacity = 1;
-  int64_t fill = rows >= capacity ? 1 : (capacity + rows - 1) / rows;
+  int64_t fill = rows >= aim ? 1 : (aim + rows - 1) / rows;
   if (fill > units) fill = units;
   if (fill > kMaxSegments) fill = kMaxSegments;
   if (fill < 1) fill = 1;

@@ -24,6 +24,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kItems = 8;                     // consecutive steps per lane
 constexpr int kTile = 32 * kItems;            // steps per warp iteration
 constexpr int kRowsPerBlock = 4;              // one warp per row
+constexpr int kWarpsPerSM = 16;               // rows (warps) per SM the segment plan aims at, at most
 // Register cap through __launch_bounds__: 5 blocks (20 warps) per SM, no spills for the float kernels.
 constexpr int kBlocksPerSM = 5;
 constexpr int kLanesPerChunk = kChunk / kItems;

@@ -244,7 +244,8 @@ template <typename in_t, typename acc_t>
 struct RowWalk {
   using Kernel = void (*)(ScanFwdArgs<in_t, acc_t>, ScanSegments<acc_t>);
   Kernel summary, output;
-  int64_t unit;  // segment lengths are multiples of this many steps
+  int64_t unit;            // segment lengths are multiples of this many steps
+  int64_t workers_per_sm;  // rows per SM the segment plan aims at, at most (tuned in GPU runs 15-18)
   int rows_per_block, threads;
   size_t smem;
 };
@@ -253,16 +254,16 @@ struct RowWalk {
 template <typename in_t, typename acc_t>
 RowWalk<in_t, acc_t> rows_walk(const ScanShape& s) {
   using namespace warp_scan;
-  return {rows_forward<true, in_t, acc_t>, rows_forward<false, in_t, acc_t>, kTile, kRowsPerBlock, 32 * kRowsPerBlock,
-          kRowsPerBlock * s.dstate * sizeof(acc_t)};
+  return {rows_forward<true, in_t, acc_t>, rows_forward<false, in_t, acc_t>, kTile, kWarpsPerSM, kRowsPerBlock,
+          32 * kRowsPerBlock, kRowsPerBlock * s.dstate * sizeof(acc_t)};
 }
 
 // Channels-last with d_state <= kN (8 or 16): one thread per (batch, channel, segment), states in registers.
 template <int kN, typename in_t, typename acc_t>
 RowWalk<in_t, acc_t> channels_walk() {
   using namespace lane_scan;
-  return {channels_forward<kN, true, in_t, acc_t>, channels_forward<kN, false, in_t, acc_t>, kChunk, kThreads, kThreads,
-          0};
+  return {channels_forward<kN, true, in_t, acc_t>, channels_forward<kN, false, in_t, acc_t>, kChunk, kThreadsPerSM,
+          kThreads, kThreads, 0};
 }
 
 // One output launch when the plan has a single segment per row, else a summary launch, chain_chunks over
@@ -271,11 +272,13 @@ template <typename in_t, typename acc_t>
 void forward_segmented(const ScanFwdArgs<in_t, acc_t>& args, const ScanShape& s, const RowWalk<in_t, acc_t>& walk,
                        const at::Tensor& like, cudaStream_t stream) {
   const int64_t rows = s.batch * s.dim;
-  // One wave of the output kernel: its blocks per SM as registers and shared memory allow.
+  // One wave of the output kernel: its blocks per SM as registers and shared memory allow. The aim stays
+  // the tuned one; the wave only keeps a plan from running a small tail into a second wave.
   int blocks_per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, walk.output, walk.threads, walk.smem));
-  const int64_t capacity = static_cast<int64_t>(sm_count()) * std::max(blocks_per_sm, 1) * walk.rows_per_block;
-  const SegmentPlan plan = plan_segments(rows, s.len, walk.unit, capacity);
+  const int64_t sms = sm_count();
+  const int64_t capacity = sms * std::max(blocks_per_sm, 1) * walk.rows_per_block;
+  const SegmentPlan plan = plan_segments(rows, s.len, walk.unit, sms * walk.workers_per_sm, capacity);
   const dim3 grid(static_cast<unsigned>((rows + walk.rows_per_block - 1) / walk.rows_per_block),
                   static_cast<unsigned>(plan.count));
   ScanSegments<acc_t> seg{plan.count, plan.len, nullptr, nullptr};

@@ -244,23 +244,28 @@ void test_row_sums() {
 // run past its end), fit gridDim.y, a row with enough rows already is one segment, and a plan never
 // spills a small tail into a second wave.
 void test_segment_plan() {
-  const int64_t cases[][4] = {{12288, 2048, 256, 2640}, {384, 16384, 256, 2640}, {384, 16384, 16, 101376},
-                              {1, 1 << 24, 16, 84480},  {3, 49, 16, 84480},      {2, 1, 256, 2640},
-                              {1, 5000000, 16, 84480},  {12288, 2048, 16, 67584}};
+  const int64_t cases[][5] = {{12288, 2048, 256, 2112, 2640},    {384, 16384, 256, 2112, 2640},
+                              {384, 16384, 16, 84480, 101376},    {1, 1 << 24, 16, 84480, 67584},
+                              {3, 49, 16, 84480, 101376},         {2, 1, 256, 2112, 2640},
+                              {1, 5000000, 16, 84480, 101376},    {12288, 2048, 16, 84480, 67584},
+                              {1536, 1024, 256, 2112, 2640}};
   for (const auto& c : cases) {
-    const int64_t rows = c[0], len = c[1], unit = c[2], capacity = c[3];
-    const gmamba::SegmentPlan p = gmamba::plan_segments(rows, len, unit, capacity);
+    const int64_t rows = c[0], len = c[1], unit = c[2], aim = c[3], capacity = c[4];
+    const gmamba::SegmentPlan p = gmamba::plan_segments(rows, len, unit, aim, capacity);
     EXPECT(p.count >= 1 && p.count <= gmamba::kMaxSegments, "count %lld", (long long)p.count);
     EXPECT(p.len % unit == 0, "len %lld not a multiple of %lld", (long long)p.len, (long long)unit);
     EXPECT(p.count * p.len >= len && (p.count - 1) * p.len < len, "plan %lld x %lld does not cover %lld once",
            (long long)p.count, (long long)p.len, (long long)len);
-    if (rows >= capacity) EXPECT(p.count == 1, "enough rows but %lld segments", (long long)p.count);
+    if (rows >= aim) EXPECT(p.count == 1, "enough rows but %lld segments", (long long)p.count);
     if (p.count > 1) EXPECT(rows * p.count <= capacity, "%lld segments overrun a wave", (long long)p.count);
   }
   // channels_forward<16> at (8, 1536, 2048, 16), 4 blocks of 128 per SM on 132 SMs: 5 segments (one
-  // wave), not the 7 (1.27 waves) that aiming at a full wave gave.
-  const gmamba::SegmentPlan p = gmamba::plan_segments(12288, 2048, 16, 67584);
+  // wave), not the 7 (1.27 waves) that the aim of 640 threads per SM gave.
+  gmamba::SegmentPlan p = gmamba::plan_segments(12288, 2048, 16, 84480, 67584);
   EXPECT(p.count == 5 && p.len == 416, "plan %lld x %lld, want 5 x 416", (long long)p.count, (long long)p.len);
+  // Where the aim fits in a wave the plan is the aim's: (8, 48, 16384, 8) channels-last, 205 x 80 steps.
+  p = gmamba::plan_segments(384, 16384, 16, 84480, 101376);
+  EXPECT(p.count == 205 && p.len == 80, "plan %lld x %lld, want 205 x 80", (long long)p.count, (long long)p.len);
 }
 
 int main() {
