@@ -333,23 +333,46 @@ void forward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& ou
 // lane_backward wherever an instance applies (d_state <= 8 since GPU runs 20-21: as fast or faster at every
 // shape; d_state 9..16 since runs 24-25: 1.27x-1.61x channels-last, 1.00x-1.42x channels-first), and
 // bwd_chunk_grads elsewhere (constant B or C, d_state > 16, float64 at d_state > 8).
-// GMAMBA_CUDA_SCAN_BWD=chunk forces bwd_chunk_grads, =lane (the default) the lane kernel where it applies;
-// read per call so tests and benchmarks/ab_scan_bwd_gpu.py can compare them.
-int lane_backward_choice(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
+// GMAMBA_CUDA_SCAN_BWD=chunk forces bwd_chunk_grads, =lane (the default) the lane kernel where it applies,
+// =lane_l1 the lane kernel with channels-first blocks sized for L1 (see launch_lane_backward); read per
+// call so tests and benchmarks/ab_scan_bwd_gpu.py can compare them.
+struct LaneChoice {
+  int states;      // 8 or 16: the lane_backward instance; 0: bwd_chunk_grads
+  bool prefer_l1;  // channels-first: 2 blocks per SM, the rest of shared memory's space to L1
+};
+
+LaneChoice lane_backward_choice(const ScanShape& s, bool b_variable, bool c_variable, bool float_acc) {
   const char* v = std::getenv("GMAMBA_CUDA_SCAN_BWD");
   const std::string choice = v == nullptr ? "" : v;
-  TORCH_CHECK_VALUE(choice.empty() || choice == "chunk" || choice == "lane",
-                    "selective_scan: environment variable GMAMBA_CUDA_SCAN_BWD must be 'chunk', 'lane' or unset, got '",
-                    choice, "'");
-  return choice == "chunk" ? 0 : lane_scan::lane_backward_states(s, b_variable, c_variable, float_acc);
+  TORCH_CHECK_VALUE(choice.empty() || choice == "chunk" || choice == "lane" || choice == "lane_l1",
+                    "selective_scan: environment variable GMAMBA_CUDA_SCAN_BWD must be 'chunk', 'lane', 'lane_l1' "
+                    "or unset, got '", choice, "'");
+  if (choice == "chunk") return {0, false};
+  return {lane_scan::lane_backward_states(s, b_variable, c_variable, float_acc), choice == "lane_l1"};
 }
 
+// The shared-memory carveout (percent of the SM's maximum) that holds `blocks` blocks of `smem` bytes
+// each (plus the 1 KB per block the runtime reserves).
+int carveout_for_blocks(int blocks, size_t smem) {
+  const size_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
+  const size_t need = static_cast<size_t>(blocks) * (smem + 1024);
+  return static_cast<int>(std::min<size_t>(100, (need * 100 + max_smem - 1) / max_smem));
+}
+
+// prefer_l1 (channels-first only, opt-in, not yet run on a GPU): run 26 found the channels-first kernel
+// bound by L2 bandwidth (L1 hit rate 8 %): each thread reads 16 consecutive u, delta, z, dout of one row,
+// the warp's lanes 32 rows apart, and at 3 blocks per SM shared memory leaves L1 about 30 KB, less than the
+// 3 x 32 KB of row segments the blocks walk. A carveout for 2 blocks leaves L1 about 90-120 KB.
 template <int kN, bool kChannelsLast, typename in_t, typename acc_t>
-void launch_lane_backward(const ScanBwdArgs<in_t, acc_t>& args, int64_t blocks, const acc_t* carry,
+void launch_lane_backward(const ScanBwdArgs<in_t, acc_t>& args, int64_t blocks, const acc_t* carry, bool prefer_l1,
                           cudaStream_t stream) {
   const auto kernel = lane_scan::lane_backward<kN, kChannelsLast, in_t, acc_t>;
   const size_t smem = lane_scan::lane_backward_smem<kN, kChannelsLast, acc_t>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if constexpr (!kChannelsLast) {  // set on every launch: the attribute persists across calls
+    const int carveout = prefer_l1 ? carveout_for_blocks(2, smem) : static_cast<int>(cudaSharedmemCarveoutDefault);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout));
+  }
   kernel<<<blocks, lane_scan::kBwdThreads, smem, stream>>>(args, carry);
 }
 
@@ -370,16 +393,17 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
     // dinitial_state enters holding dlast_state (or zeros) and leaves holding the initial state's gradient.
     launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state, stream);
     constexpr bool kFloatAcc = std::is_same_v<acc_t, float>;
-    const int lane_states = lane_backward_choice(s, args.f.B.variable, args.f.C.variable, kFloatAcc);
-    if (lane_states == 8 && s.channels_last) {
-      launch_lane_backward<8, true>(args, blocks, carry.data_ptr<acc_t>(), stream);
-    } else if (lane_states == 8) {
-      launch_lane_backward<8, false>(args, blocks, carry.data_ptr<acc_t>(), stream);
-    } else if (lane_states == 16) {
+    const LaneChoice lane = lane_backward_choice(s, args.f.B.variable, args.f.C.variable, kFloatAcc);
+    const acc_t* carry_ptr = carry.data_ptr<acc_t>();
+    if (lane.states == 8 && s.channels_last) {
+      launch_lane_backward<8, true>(args, blocks, carry_ptr, lane.prefer_l1, stream);
+    } else if (lane.states == 8) {
+      launch_lane_backward<8, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
+    } else if (lane.states == 16) {
       // Built for float accumulation only (the only case lane_backward_states picks it for).
       if constexpr (kFloatAcc) {
-        if (s.channels_last) launch_lane_backward<16, true>(args, blocks, carry.data_ptr<acc_t>(), stream);
-        else launch_lane_backward<16, false>(args, blocks, carry.data_ptr<acc_t>(), stream);
+        if (s.channels_last) launch_lane_backward<16, true>(args, blocks, carry_ptr, lane.prefer_l1, stream);
+        else launch_lane_backward<16, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
       }
     } else {
       bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>());
