@@ -17,7 +17,9 @@ def parse_cases(text):
     cases = []
     for item in filter(None, text.split(";")):
         fields = item.split(",")
-        dtype = getattr(torch, fields.pop()) if not fields[-1].isdigit() and fields[-1] not in ("cf", "cl") else torch.float32
+        dtype = torch.float32
+        if fields[-1] not in ("cf", "cl"):  # an optional dtype after the layout
+            dtype = getattr(torch, fields.pop())
         *dims, layout = fields
         if layout not in ("cf", "cl"):
             raise ValueError(f"PROFILE_CASES: layout must be cf or cl, got {layout!r} in {item!r}")

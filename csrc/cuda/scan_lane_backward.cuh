@@ -50,7 +50,7 @@ constexpr int lane_backward_start_rows() {
 // Channels-first with kN = 16: B and C rows lie at stride L, and their 2 x 16 addresses, live across the
 // steps, took 255 registers and spilled. So each warp stages kStageSteps steps of both in shared memory
 // ([B | C][step][kN], zero past N and past L) with loads along L, and each step reads its rows back as
-// broadcast vectors. kN = 8 channels-first keeps its direct loads (168 registers, verified in runs 20-22).
+// broadcast vectors. kN = 8 channels-first keeps its direct loads (168 registers, run in GPU runs 20-25).
 constexpr int kStageSteps = 4;
 template <int kN, bool kChannelsLast>
 constexpr bool lane_backward_stages_rows() {
