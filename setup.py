@@ -4,6 +4,7 @@ Environment:
   GMAMBA_CUDA=0|1        force the CUDA kernels off / on (default: on when possible)
   TORCH_CUDA_ARCH_LIST   honoured; with no GPU visible the default is "9.0" (H100/H200)
   GMAMBA_NATIVE=0        build the CPU kernels for a generic x86-64/aarch64 instead of -march=native
+  GMAMBA_CPU_LANES=8|16  channels per vector in the CPU scan (default: 16 where the build has AVX-512, else 8)
   GMAMBA_PTXAS_VERBOSE=1 print registers / shared memory / spills of every CUDA kernel
   MAX_JOBS               parallel compile jobs (torch's ninja builder)
 """
@@ -104,6 +105,11 @@ def make_extension():
     cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp-simd", "-fno-trapping-math"]
     if env_flag("GMAMBA_NATIVE") is not False:
         cxx.append("-march=native")
+    lanes = os.environ.get("GMAMBA_CPU_LANES")
+    if lanes:
+        if lanes not in ("8", "16"):
+            fail(f"GMAMBA_CPU_LANES must be 8 or 16, got {lanes!r}")
+        cxx.append(f"-DGMAMBA_CPU_LANES={lanes}")
     # at::parallel_for is inline: in an OpenMP build of torch its `omp parallel` is compiled into our
     # object, and without -fopenmp it silently runs on one thread (every CPU kernel was serial until this).
     # The runtime is the libgomp.so.1 that torch has already loaded (same soname), so there is one pool.

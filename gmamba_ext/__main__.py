@@ -22,7 +22,8 @@ def main():
         openmp = getattr(info, "OPENMP", None)
         threads = (f"{torch.get_num_threads()} threads" if openmp
                    else "1 thread (built without OpenMP)" if openmp is False else "threads unknown (older build)")
-        print(f"CPU kernels: {threads}")
+        lanes = getattr(ops._C, "CPU_SCAN_LANES", None)  # channels per vector (8: AVX2, 16: AVX-512)
+        print(f"CPU kernels: {threads}" + (f"; scan vectors of {lanes} channels" if lanes else ""))
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

@@ -35,3 +35,18 @@ def test_cpu_kernels_are_built_multithreaded_where_torch_uses_openmp():
 
     if torch.backends.openmp.is_available() and sys.platform != "darwin":
         assert getattr(info, "OPENMP", None) is True, "gmamba_ext._C was built without -fopenmp"
+
+
+@pytest.mark.skipif(not gmamba_ext.HAS_EXTENSION, reason="no compiled extension")
+def test_cpu_scan_lane_count_is_the_one_built(capsys):
+    """cpu/scan_lanes.h: 16 channels per vector with AVX-512, else 8; CI builds both forms and names the one
+    it expects in GMAMBA_EXPECT_CPU_LANES. `python -m gmamba_ext` reports it."""
+    from gmamba_ext import _C
+    from gmamba_ext.__main__ import main
+
+    assert _C.CPU_SCAN_LANES in (8, 16)
+    expected = os.environ.get("GMAMBA_EXPECT_CPU_LANES")
+    if expected:
+        assert _C.CPU_SCAN_LANES == int(expected)
+    main()
+    assert f"scan vectors of {_C.CPU_SCAN_LANES} channels" in capsys.readouterr().out

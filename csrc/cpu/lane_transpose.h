@@ -1,6 +1,7 @@
 #pragma once
-// Moves across the CPU scan's 8 lanes: 8 x 8 transposes between [channel][step] rows (how channels-first
-// tensors lie in memory) and [step][lane] tiles, and per-row sums of the lanes. Filling a tile column by
+// Moves across the CPU scan's lanes (8 or 16, cpu/scan_lanes.h): 8 x 8 transposes between [channel][step]
+// rows (how channels-first tensors lie in memory) and blocks of [step][lane] tiles, and per-row sums of the
+// lanes. Filling a tile column by
 // column instead costs a failed store-to-load forward on every vector read of the tile: it was the
 // single largest cost of the channels-first forward.
 #include <cstdint>
@@ -76,5 +77,21 @@ GMAMBA_HOST_INLINE void row_sums_8(const float (&in)[R][8], float (&sums)[R]) {
   }
 }
 #endif
+
+// sums[i] = the sum of in[i][0..L-1] for L = 8 or 16 lanes: for 16, lane w + 8 is first added to lane w
+// (one vector add per row), then row_sums_8 adds the 8 results in its order. Fixed, as the CPU backward's
+// bitwise reproducibility needs; ctest checks it against the scalar formula.
+template <int R, int L, typename T>
+GMAMBA_HOST_INLINE void row_sums(const T (&in)[R][L], T (&sums)[R]) {
+  static_assert(L == 8 || L == 16, "rows of 8 or 16 lanes");
+  if constexpr (L == 8) {
+    row_sums_8(in, sums);
+  } else {
+    T folded[R][8];
+    for (int i = 0; i < R; ++i)
+      _Pragma("omp simd") for (int w = 0; w < 8; ++w) folded[i][w] = in[i][w] + in[i][w + 8];
+    row_sums_8(folded, sums);
+  }
+}
 
 }  // namespace gmamba::cpu

@@ -12,15 +12,15 @@
 #include <type_traits>
 
 #include "cpu/lane_transpose.h"
+#include "cpu/scan_lanes.h"
 #include "gmamba/fast_exp.h"
 #include "gmamba/scan_math.h"
 #include "gmamba/scan_params.h"
 
 namespace gmamba::cpu {
 
-constexpr int kLanes = 8;
 constexpr int kSteps = kChunk;
-static_assert(kLanes == 8 && kSteps % 8 == 0, "tiles are moved as 8 x 8 blocks");
+static_assert(kLanes % 8 == 0 && kSteps % 8 == 0, "tiles are moved as 8 x 8 blocks");
 
 template <typename acc_t>
 using Tile = acc_t[kSteps][kLanes];
@@ -43,27 +43,51 @@ struct PackChunk {
 #define GMAMBA_STEPS _Pragma("GCC unroll 16")
 #define GMAMBA_TILE_STEPS _Pragma("GCC unroll 4")
 
+// The tile moves of partial packs and chunks (channels past d, steps past L) are out of line: they run at
+// most once per sequence or pack, and inlined they made forward_chunk and backward_chunk larger than L1i.
+#define GMAMBA_CPU_COLD __attribute__((noinline, cold))
+
+// load_tile for a partial pack or chunk: lane-masked loads of the valid steps.
+template <typename in_t, typename acc_t>
+GMAMBA_CPU_COLD void load_partial_tile(const in_t* base, const ScanShape& s, const PackChunk& p, Tile<acc_t>& v) {
+  if (s.channels_last) {
+    for (int t = 0; t < kSteps; ++t) {
+      const int active = t < p.valid ? p.active : 0;
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w)
+        v[t][w] = w < active ? static_cast<acc_t>(base[t * s.sl + w]) : acc_t(0);
+    }
+    return;
+  }
+  acc_t rows[kLanes][kSteps];
+  for (int w = 0; w < kLanes; ++w) {
+    const int valid = w < p.active ? p.valid : 0;
+    GMAMBA_LANES for (int t = 0; t < kSteps; ++t)
+      rows[w][t] = t < valid ? static_cast<acc_t>(base[w * s.sc + t]) : acc_t(0);
+  }
+  for (int w = 0; w < kLanes; w += 8)
+    for (int t = 0; t < kSteps; t += 8) transpose_8x8(&rows[w][t], kSteps, &v[t][w], kLanes);
+}
+
 // v[t][w] = x[b, c0 + w, l0 + t] inside the pack's chunk, 0 outside.
 template <typename in_t, typename acc_t>
 GMAMBA_HOST_INLINE void load_tile(const in_t* x, const ScanShape& s, const PackChunk& p, Tile<acc_t>& v) {
   const in_t* base = x + s.x_index(p.b, p.c0, p.l0);
-  if (p.full() && s.channels_last) {
+  if (!p.full()) {
+    load_partial_tile(base, s, p, v);
+  } else if (s.channels_last) {
     GMAMBA_TILE_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) v[t][w] = static_cast<acc_t>(base[t * s.sl + w]);
-  } else if (p.full()) {
-    // Channels-first: 8 x 8 transposes of the pack's rows (converted to acc_t first where in_t is not).
-    if constexpr (std::is_same_v<in_t, acc_t>) {
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(base + t, s.sc, &v[t][0], kLanes);
-    } else {
-      acc_t rows[kLanes][kSteps];
-      for (int w = 0; w < kLanes; ++w)
-        GMAMBA_LANES for (int t = 0; t < kSteps; ++t) rows[w][t] = static_cast<acc_t>(base[w * s.sc + t]);
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&rows[0][t], kSteps, &v[t][0], kLanes);
-    }
+  } else if constexpr (std::is_same_v<in_t, acc_t>) {
+    // Channels-first: 8 x 8 transposes of the pack's [lane][step] rows (converted to acc_t first where in_t
+    // is not).
+    for (int w = 0; w < kLanes; w += 8)
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(base + w * s.sc + t, s.sc, &v[t][w], kLanes);
   } else {
-    for (int t = 0; t < kSteps; ++t)
-      for (int w = 0; w < kLanes; ++w)
-        v[t][w] = p.inside(t, w) ? static_cast<acc_t>(base[t * s.sl + w * s.sc]) : acc_t(0);
+    acc_t rows[kLanes][kSteps];
+    for (int w = 0; w < kLanes; ++w)
+      GMAMBA_LANES for (int t = 0; t < kSteps; ++t) rows[w][t] = static_cast<acc_t>(base[w * s.sc + t]);
+    for (int w = 0; w < kLanes; w += 8)
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&rows[w][t], kSteps, &v[t][w], kLanes);
   }
 }
 
@@ -88,35 +112,57 @@ GMAMBA_HOST_INLINE void prefetch_inputs(const ScanBwdArgs<in_t, acc_t>& a, const
   prefetch_rows(a.dout, a.f.s, p);
 }
 
+// store_tile for a partial pack or chunk: lane-masked stores of the valid steps.
+template <typename in_t, typename acc_t>
+GMAMBA_CPU_COLD void store_partial_tile(in_t* base, const ScanShape& s, const PackChunk& p, const Tile<acc_t>& v) {
+  if (s.channels_last) {
+    for (int t = 0; t < p.valid; ++t) {
+      GMAMBA_LANES for (int w = 0; w < kLanes; ++w)
+        if (w < p.active) base[t * s.sl + w] = static_cast<in_t>(v[t][w]);
+    }
+    return;
+  }
+  acc_t rows[kLanes][kSteps];
+  for (int w = 0; w < kLanes; w += 8)
+    for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, &rows[w][t], kSteps);
+  for (int w = 0; w < p.active; ++w) {
+    GMAMBA_LANES for (int t = 0; t < kSteps; ++t)
+      if (t < p.valid) base[w * s.sc + t] = static_cast<in_t>(rows[w][t]);
+  }
+}
+
 // x[b, c0 + w, l0 + t] = v[t][w] inside the pack's chunk.
 template <typename in_t, typename acc_t>
 GMAMBA_HOST_INLINE void store_tile(in_t* x, const ScanShape& s, const PackChunk& p, const Tile<acc_t>& v) {
   in_t* base = x + s.x_index(p.b, p.c0, p.l0);
-  if (p.full() && s.channels_last) {
+  if (!p.full()) {
+    store_partial_tile(base, s, p, v);
+  } else if (s.channels_last) {
     GMAMBA_TILE_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) base[t * s.sl + w] = static_cast<in_t>(v[t][w]);
-  } else if (p.full()) {
-    if constexpr (std::is_same_v<in_t, acc_t>) {
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][0], kLanes, base + t, s.sc);
-    } else {
-      acc_t rows[kLanes][kSteps];
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][0], kLanes, &rows[0][t], kSteps);
-      for (int w = 0; w < kLanes; ++w)
-        GMAMBA_LANES for (int t = 0; t < kSteps; ++t) base[w * s.sc + t] = static_cast<in_t>(rows[w][t]);
-    }
+  } else if constexpr (std::is_same_v<in_t, acc_t>) {
+    for (int w = 0; w < kLanes; w += 8)
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, base + w * s.sc + t, s.sc);
   } else {
-    for (int t = 0; t < p.valid; ++t)
-      for (int w = 0; w < p.active; ++w) base[t * s.sl + w * s.sc] = static_cast<in_t>(v[t][w]);
+    acc_t rows[kLanes][kSteps];
+    for (int w = 0; w < kLanes; w += 8)
+      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, &rows[w][t], kSteps);
+    for (int w = 0; w < kLanes; ++w)
+      GMAMBA_LANES for (int t = 0; t < kSteps; ++t) base[w * s.sc + t] = static_cast<in_t>(rows[w][t]);
   }
 }
 
+template <typename acc_t>
+GMAMBA_CPU_COLD void zero_partial(const PackChunk& p, Tile<acc_t>& v) {
+  for (int t = 0; t < kSteps; ++t) {
+    const int active = t < p.valid ? p.active : 0;
+    GMAMBA_LANES for (int w = 0; w < kLanes; ++w) v[t][w] = w < active ? v[t][w] : acc_t(0);
+  }
+}
 // Zeroes v outside the pack's chunk (nothing to do for full packs and chunks).
 template <typename acc_t>
 GMAMBA_HOST_INLINE void zero_outside(const PackChunk& p, Tile<acc_t>& v) {
-  if (p.full()) return;
-  for (int t = 0; t < kSteps; ++t)
-    for (int w = 0; w < kLanes; ++w)
-      if (!p.inside(t, w)) v[t][w] = acc_t(0);
+  if (!p.full()) zero_partial(p, v);
 }
 
 // A per-channel vector (D, delta_bias) over the pack's lanes; 0 where absent or past the pack.
@@ -310,7 +356,7 @@ GMAMBA_HOST_INLINE void emit_bc_grad(const ScanBwdArgs<in_t, acc_t>& a, const BC
   if (view.variable) {
     acc_t* row = part + (((p.b * s.groups + p.g) * a.tiles + p.row) * s.dstate + n) * s.len + p.l0;
     acc_t sums[kSteps];
-    row_sums_8(v, sums);
+    row_sums(v, sums);
     // A full chunk in fixed-count loops: bounded by p.valid, GCC made the copy a memcpy call (spilling
     // the live vectors around it: 5-8 % of the backward).
     if (p.valid == kSteps && p.first_in_row) {
@@ -430,5 +476,6 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
 
 #undef GMAMBA_STEPS
 #undef GMAMBA_TILE_STEPS
+#undef GMAMBA_CPU_COLD
 
 }  // namespace gmamba::cpu

@@ -227,17 +227,27 @@ void test_op(bool channels_last, bool softplus) {
 
 }  // namespace
 
-// The vector lane sums (AVX builds) add in the documented order: bitwise equal to the scalar formula.
-void test_row_sums() {
-  float in[16][8], sums[16];
+// The vector lane sums (AVX builds) add in the documented order: bitwise equal to the scalar formula, for
+// packs of 8 and of 16 lanes (16: lane w + 8 added to lane w first).
+template <int L>
+void check_row_sums() {
+  float in[16][L], sums[16];
   for (int i = 0; i < 16; ++i)
-    for (int w = 0; w < 8; ++w) in[i][w] = std::ldexp(static_cast<float>((i * 37 + w * 11) % 29) - 14.3f, (i + w) % 9 - 4);
-  gmamba::cpu::row_sums_8(in, sums);
+    for (int w = 0; w < L; ++w) in[i][w] = std::ldexp(static_cast<float>((i * 37 + w * 11) % 29) - 14.3f, (i + w) % 9 - 4);
+  gmamba::cpu::row_sums(in, sums);
   for (int i = 0; i < 16; ++i) {
-    const float* r = in[i];
+    float r[8];
+    for (int w = 0; w < 8; ++w) {
+      r[w] = in[i][w];
+      if constexpr (L == 16) r[w] += in[i][w + 8];
+    }
     const float want = ((r[0] + r[2]) + (r[1] + r[3])) + ((r[4] + r[6]) + (r[5] + r[7]));
-    EXPECT(sums[i] == want, "row_sums_8 row %d: %.9g, want %.9g", i, sums[i], want);
+    EXPECT(sums[i] == want, "row_sums over %d lanes, row %d: %.9g, want %.9g", L, i, sums[i], want);
   }
+}
+void test_row_sums() {
+  check_row_sums<8>();
+  check_row_sums<16>();
 }
 
 // The CUDA forwards' segment plan: segments are whole units, cover the row exactly once (the last one may
