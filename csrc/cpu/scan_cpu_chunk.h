@@ -91,26 +91,36 @@ GMAMBA_HOST_INLINE void load_tile(const in_t* x, const ScanShape& s, const PackC
   }
 }
 
-// Channels-first: fetch the pack's rows of x over its chunk (for a chunk still to come). A task streams 8
-// rows of each of u, delta, z (and dout) per pack, more streams than the hardware prefetcher follows: the
-// loads of those rows stalled 16 % of the forward and 8 % of the backward (perf, (8, 384, 256, 8)).
-template <typename in_t>
-GMAMBA_HOST_INLINE void prefetch_rows(const in_t* x, const ScanShape& s, const PackChunk& p) {
-  if (!x) return;
-  const in_t* base = x + s.x_index(p.b, p.c0, p.l0);
-  for (int w = 0; w < p.active; ++w) __builtin_prefetch(base + w * s.sc);
-}
+// Channels-first: the rows of u, delta, z (and dout) that the pack-chunk a task runs next will read, to be
+// fetched while this one computes. A pack streams one row per lane of each, more streams than the
+// hardware prefetcher follows (with 8 lanes their loads stalled 16 % of the forward and 8 % of the
+// backward, perf, (8, 384, 256, 8)). The chunk fetches them a share per state: all at once, 48-64 lines
+// at 16 lanes, they outnumbered the core's miss buffers and the chunk's own first loads waited behind them.
+struct NextRows {
+  const void* rows[4 * kLanes];
+  int count = 0;
 
-// The rows forward_chunk and backward_chunk read for pack-chunk p.
-template <typename in_t, typename acc_t>
-GMAMBA_HOST_INLINE void prefetch_inputs(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p) {
-  for (const in_t* x : {a.u, a.delta, a.z}) prefetch_rows(x, a.s, p);
-}
-template <typename in_t, typename acc_t>
-GMAMBA_HOST_INLINE void prefetch_inputs(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p) {
-  prefetch_inputs(a.f, p);
-  prefetch_rows(a.dout, a.f.s, p);
-}
+  template <typename in_t>
+  GMAMBA_HOST_INLINE void add(const in_t* x, const ScanShape& s, const PackChunk& p) {
+    if (!x) return;
+    const in_t* base = x + s.x_index(p.b, p.c0, p.l0);
+    for (int w = 0; w < p.active; ++w) rows[count++] = base + w * s.sc;
+  }
+  // The rows forward_chunk and backward_chunk read for pack-chunk p.
+  template <typename in_t, typename acc_t>
+  GMAMBA_HOST_INLINE void add_inputs(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p) {
+    for (const in_t* x : {a.u, a.delta, a.z}) add(x, a.s, p);
+  }
+  template <typename in_t, typename acc_t>
+  GMAMBA_HOST_INLINE void add_inputs(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p) {
+    add_inputs(a.f, p);
+    add(a.dout, a.f.s, p);
+  }
+  // Fetches share `part` of `parts` equal shares.
+  GMAMBA_HOST_INLINE void fetch(int64_t part, int64_t parts) const {
+    for (int64_t i = count * part / parts; i < count * (part + 1) / parts; ++i) __builtin_prefetch(rows[i]);
+  }
+};
 
 // store_tile for a partial pack or chunk: lane-masked stores of the valid steps.
 template <typename in_t, typename acc_t>
@@ -311,14 +321,16 @@ GMAMBA_HOST_INLINE acc_t* chunk_row(acc_t* buf, const ScanShape& s, const PackCh
 }
 
 // Runs the chunk from state (the pack's [n][lane] slab, updated in place), writes the checkpoint of the
-// chunk's start and out = (sum_n C s + D u) * silu(z).
+// chunk's start and out = (sum_n C s + D u) * silu(z); fetches `next` over its states.
 template <typename in_t, typename acc_t>
-void forward_chunk(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* state) {
+void forward_chunk(const ScanFwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* state,
+                   const NextRows& next) {
   const ScanShape& s = a.s;
   StepTiles<acc_t, false> x;
   x.load(a, p);
   Tile<acc_t> y = {}, Bc, Cc;
   for (int64_t n = 0; n < s.dstate; ++n) {
+    next.fetch(n, s.dstate);
     acc_t* st_n = state + n * kLanes;
     store_lane_row(st_n, p, chunk_row(a.checkpoints, s, p, n));
     load_column(a.B, p, n, kSteps, Bc);
@@ -378,7 +390,8 @@ GMAMBA_HOST_INLINE void emit_bc_grad(const ScanBwdArgs<in_t, acc_t>& a, const BC
 // the chunk's end state and becomes that of its start. Writes du, ddelta, dz and the chunk's partials of
 // dA, dB, dC, dD and delta_bias. Recurrences: see gmamba/scan_chunk.h.
 template <typename in_t, typename acc_t>
-void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* carry) {
+void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const acc_t* a_slab, acc_t* carry,
+                    const NextRows& next) {
   const ScanShape& s = a.f.s;
   StepTiles<acc_t, true> x;
   x.load(a.f, p);
@@ -401,6 +414,7 @@ void backward_chunk(const ScanBwdArgs<in_t, acc_t>& a, const PackChunk& p, const
   }
 
   for (int64_t n = 0; n < s.dstate; ++n) {
+    next.fetch(n, s.dstate);
     Tile<acc_t> st, Bc, Cc, decay;
     load_column(a.f.B, p, n, -kSteps, Bc);
     load_column(a.f.C, p, n, -kSteps, Cc);

@@ -51,17 +51,19 @@ struct CpuTasks {
                           static_cast<int>(std::min<int64_t>(kLanes, s.dim_per_group - first)),
                           static_cast<int>(std::min<int64_t>(kChunk, s.len - k * kChunk)), tile % per_block == 0};
   }
-  // Prefetches the rows of the pack-chunk a task runs after (pack, k), walking the chunks in direction dk
-  // with every pack of [first, last) per chunk, so they arrive while (pack, k) computes.
+  // The rows of the pack-chunk a task runs after (pack, k), walking the chunks in direction dk with every
+  // pack of [first, last) per chunk, for (pack, k) to fetch while it computes (channels-first only).
   template <typename Args>
-  void prefetch_next(const Args& a, const ScanShape& s, int64_t first, int64_t last, int64_t p, int64_t k,
-                     int64_t dk) const {
-    if (s.channels_last) return;
+  cpu::NextRows next_rows(const Args& a, const ScanShape& s, int64_t first, int64_t last, int64_t p, int64_t k,
+                          int64_t dk) const {
+    cpu::NextRows next;
+    if (s.channels_last) return next;
     if (p + 1 < last) {
-      cpu::prefetch_inputs(a, pack(s, p + 1, k));
+      next.add_inputs(a, pack(s, p + 1, k));
     } else if (k + dk >= 0 && k + dk < s.nchunks) {
-      cpu::prefetch_inputs(a, pack(s, first, k + dk));
+      next.add_inputs(a, pack(s, first, k + dk));
     }
+    return next;
   }
   // Packs [first, last)'s states between a (B, d, N) tensor and the task's slabs (N x kLanes per pack,
   // lanes past the pack's channels zero).
@@ -106,9 +108,8 @@ void forward_kernel(const ScanFwdArgs<in_t, acc_t>& a) {
       tasks.load_a_slabs(s, first, last, a.A, a_slabs.data());
       for (int64_t k = 0; k < s.nchunks; ++k)
         for (int64_t p = first; p < last; ++p) {
-          tasks.prefetch_next(a, s, first, last, p, k, 1);
           cpu::forward_chunk(a, tasks.pack(s, p, k), a_slabs.data() + (p - first) * slab,
-                             states.data() + (p - first) * slab);
+                             states.data() + (p - first) * slab, tasks.next_rows(a, s, first, last, p, k, 1));
         }
       tasks.scatter(s, first, last, states.data(), a.last_state);
     }
@@ -129,9 +130,8 @@ void backward_kernel(const ScanBwdArgs<in_t, acc_t>& a) {
       tasks.load_a_slabs(s, first, last, a.f.A, a_slabs.data());
       for (int64_t k = s.nchunks - 1; k >= 0; --k)
         for (int64_t p = first; p < last; ++p) {
-          tasks.prefetch_next(a, s, first, last, p, k, -1);
           cpu::backward_chunk(a, tasks.pack(s, p, k), a_slabs.data() + (p - first) * slab,
-                              carries.data() + (p - first) * slab);
+                              carries.data() + (p - first) * slab, tasks.next_rows(a, s, first, last, p, k, -1));
         }
       tasks.scatter(s, first, last, carries.data(), a.dinitial_state);
     }
