@@ -91,22 +91,25 @@ GMAMBA_HOST_INLINE void load_tile(const in_t* x, const ScanShape& s, const PackC
   }
 }
 
-// Channels-first: the rows of u, delta, z (and dout) that the pack-chunk a task runs next will read, to be
-// fetched while this one computes. A pack streams one row per lane of each, more streams than the
-// hardware prefetcher follows (with 8 lanes their loads stalled 16 % of the forward and 8 % of the
-// backward, perf, (8, 384, 256, 8)). The chunk fetches them a share per state: all at once, 48-64 lines
-// at 16 lanes, they outnumbered the core's miss buffers and the chunk's own first loads waited behind them.
+// The rows of u, delta, z (and dout) that a pack-chunk still to come will read, to be fetched while this
+// one computes, a share per state (all at once, 48-64 lines at 16 lanes outnumbered the core's miss
+// buffers and the chunk's own first loads waited behind them).
+// - Channels-first: a pack streams one row per lane of each tensor, more streams than the hardware
+//   prefetcher follows (with 8 lanes their loads stalled 16 % of the forward and 8 % of the backward, perf,
+//   (8, 384, 256, 8)); the task's next pack-chunk is fetched.
+// - Channels-last: a chunk's tile is 16 token rows d apart; the first pack of a block to read them missed
+//   on every row (a third of the forward at (8, 96, 4096, 8)); each pack fetches its own next chunk.
 struct NextRows {
-  const char* first[4];  // each tensor's row of lane 0
-  int64_t stride = 0;    // bytes from one lane's row to the next (the same for every tensor)
-  int tensors = 0, lanes = 0;
+  const char* first[4];  // each tensor's first row
+  int64_t stride = 0;    // bytes from one row to the next (the same for every tensor)
+  int tensors = 0, rows = 0;
 
   template <typename in_t>
   GMAMBA_HOST_INLINE void add(const in_t* x, const ScanShape& s, const PackChunk& p) {
     if (!x) return;
     first[tensors++] = reinterpret_cast<const char*>(x + s.x_index(p.b, p.c0, p.l0));
-    stride = s.sc * static_cast<int64_t>(sizeof(in_t));
-    lanes = p.active;
+    stride = (s.channels_last ? s.sl : s.sc) * static_cast<int64_t>(sizeof(in_t));
+    rows = s.channels_last ? p.valid : p.active;
   }
   // The rows forward_chunk and backward_chunk read for pack-chunk p.
   template <typename in_t, typename acc_t>
@@ -121,13 +124,13 @@ struct NextRows {
   // Fetches share `part` of `parts` equal shares of the rows (tensor-major order). Addresses are formed
   // here: a pointer per row built beforehand was a vectorised 64-bit multiply loop, 9 % of an N = 1 forward.
   GMAMBA_HOST_INLINE void fetch(int64_t part, int64_t parts) const {
-    const int64_t count = static_cast<int64_t>(tensors) * lanes, lo = count * part / parts;
+    const int64_t count = static_cast<int64_t>(tensors) * rows, lo = count * part / parts;
     const int64_t hi = count * (part + 1) / parts;
     if (lo >= hi) return;
-    int64_t t = lo / lanes, w = lo % lanes;
+    int64_t t = lo / rows, r = lo % rows;
     for (int64_t i = lo; i < hi; ++i) {
-      __builtin_prefetch(first[t] + w * stride);
-      if (++w == lanes) w = 0, ++t;
+      __builtin_prefetch(first[t] + r * stride);
+      if (++r == rows) r = 0, ++t;
     }
   }
 };

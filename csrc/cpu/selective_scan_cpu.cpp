@@ -51,14 +51,16 @@ struct CpuTasks {
                           static_cast<int>(std::min<int64_t>(kLanes, s.dim_per_group - first)),
                           static_cast<int>(std::min<int64_t>(kChunk, s.len - k * kChunk)), tile % per_block == 0};
   }
-  // The rows of the pack-chunk a task runs after (pack, k), walking the chunks in direction dk with every
-  // pack of [first, last) per chunk, for (pack, k) to fetch while it computes (channels-first only).
+  // The rows (pack, k) fetches while it computes (cpu::NextRows): channels-first, those of the pack-chunk
+  // the task runs next, walking the chunks in direction dk with every pack of [first, last) per chunk;
+  // channels-last, those of the same pack's next chunk.
   template <typename Args>
   cpu::NextRows next_rows(const Args& a, const ScanShape& s, int64_t first, int64_t last, int64_t p, int64_t k,
                           int64_t dk) const {
     cpu::NextRows next;
-    if (s.channels_last) return next;
-    if (p + 1 < last) {
+    if (s.channels_last) {
+      if (k + dk >= 0 && k + dk < s.nchunks) next.add_inputs(a, pack(s, p, k + dk));
+    } else if (p + 1 < last) {
       next.add_inputs(a, pack(s, p + 1, k));
     } else if (k + dk >= 0 && k + dk < s.nchunks) {
       next.add_inputs(a, pack(s, first, k + dk));
