@@ -33,7 +33,6 @@ struct PackChunk {
   int active, valid;
   bool first_in_row;
   bool full() const { return active == kLanes && valid == kSteps; }
-  bool inside(int t, int w) const { return t < valid && w < active; }
 };
 
 // The recurrences' step loops (per state) unroll by 16; the once-per-chunk loops over whole tiles
@@ -42,6 +41,19 @@ struct PackChunk {
 // and 30 KB, and the backward was 7-14 % faster (paired medians, 1 thread), the forward 3-5 %.
 #define GMAMBA_STEPS _Pragma("GCC unroll 16")
 #define GMAMBA_TILE_STEPS _Pragma("GCC unroll 4")
+
+// Tile v from kLanes [lane][step] rows of kSteps steps that lie row_stride apart, and back: 8 x 8
+// transposes.
+template <typename acc_t>
+GMAMBA_HOST_INLINE void tile_from_rows(const acc_t* rows, int64_t row_stride, Tile<acc_t>& v) {
+  for (int w = 0; w < kLanes; w += 8)
+    for (int t = 0; t < kSteps; t += 8) transpose_8x8(rows + w * row_stride + t, row_stride, &v[t][w], kLanes);
+}
+template <typename acc_t>
+GMAMBA_HOST_INLINE void tile_to_rows(const Tile<acc_t>& v, acc_t* rows, int64_t row_stride) {
+  for (int w = 0; w < kLanes; w += 8)
+    for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, rows + w * row_stride + t, row_stride);
+}
 
 // The tile moves of partial packs and chunks (channels past d, steps past L) are out of line: they run at
 // most once per sequence or pack, and inlined they made forward_chunk and backward_chunk larger than L1i.
@@ -64,8 +76,7 @@ GMAMBA_CPU_COLD void load_partial_tile(const in_t* base, const ScanShape& s, con
     GMAMBA_LANES for (int t = 0; t < kSteps; ++t)
       rows[w][t] = t < valid ? static_cast<acc_t>(base[w * s.sc + t]) : acc_t(0);
   }
-  for (int w = 0; w < kLanes; w += 8)
-    for (int t = 0; t < kSteps; t += 8) transpose_8x8(&rows[w][t], kSteps, &v[t][w], kLanes);
+  tile_from_rows(&rows[0][0], kSteps, v);
 }
 
 // v[t][w] = x[b, c0 + w, l0 + t] inside the pack's chunk, 0 outside.
@@ -80,14 +91,12 @@ GMAMBA_HOST_INLINE void load_tile(const in_t* x, const ScanShape& s, const PackC
   } else if constexpr (std::is_same_v<in_t, acc_t>) {
     // Channels-first: 8 x 8 transposes of the pack's [lane][step] rows (converted to acc_t first where in_t
     // is not).
-    for (int w = 0; w < kLanes; w += 8)
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(base + w * s.sc + t, s.sc, &v[t][w], kLanes);
+    tile_from_rows(base, s.sc, v);
   } else {
     acc_t rows[kLanes][kSteps];
     for (int w = 0; w < kLanes; ++w)
       GMAMBA_LANES for (int t = 0; t < kSteps; ++t) rows[w][t] = static_cast<acc_t>(base[w * s.sc + t]);
-    for (int w = 0; w < kLanes; w += 8)
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&rows[w][t], kSteps, &v[t][w], kLanes);
+    tile_from_rows(&rows[0][0], kSteps, v);
   }
 }
 
@@ -146,8 +155,7 @@ GMAMBA_CPU_COLD void store_partial_tile(in_t* base, const ScanShape& s, const Pa
     return;
   }
   acc_t rows[kLanes][kSteps];
-  for (int w = 0; w < kLanes; w += 8)
-    for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, &rows[w][t], kSteps);
+  tile_to_rows(v, &rows[0][0], kSteps);
   for (int w = 0; w < p.active; ++w) {
     GMAMBA_LANES for (int t = 0; t < kSteps; ++t)
       if (t < p.valid) base[w * s.sc + t] = static_cast<in_t>(rows[w][t]);
@@ -164,12 +172,10 @@ GMAMBA_HOST_INLINE void store_tile(in_t* x, const ScanShape& s, const PackChunk&
     GMAMBA_TILE_STEPS for (int t = 0; t < kSteps; ++t)
       GMAMBA_LANES for (int w = 0; w < kLanes; ++w) base[t * s.sl + w] = static_cast<in_t>(v[t][w]);
   } else if constexpr (std::is_same_v<in_t, acc_t>) {
-    for (int w = 0; w < kLanes; w += 8)
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, base + w * s.sc + t, s.sc);
+    tile_to_rows(v, base, s.sc);
   } else {
     acc_t rows[kLanes][kSteps];
-    for (int w = 0; w < kLanes; w += 8)
-      for (int t = 0; t < kSteps; t += 8) transpose_8x8(&v[t][w], kLanes, &rows[w][t], kSteps);
+    tile_to_rows(v, &rows[0][0], kSteps);
     for (int w = 0; w < kLanes; ++w)
       GMAMBA_LANES for (int t = 0; t < kSteps; ++t) base[w * s.sc + t] = static_cast<in_t>(rows[w][t]);
   }
