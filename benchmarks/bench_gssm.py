@@ -227,6 +227,7 @@ def bench(args):
 
     def report(rows):
         return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "cpu_scan_lanes": getattr(getattr(gmamba_ext.ops, "_C", None), "CPU_SCAN_LANES", None),
                 "quick": args.quick, "notes": notes, "rows": rows}
 
     batch = args.batch or (2 if args.quick and device == "cpu" else 8)

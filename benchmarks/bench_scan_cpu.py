@@ -310,7 +310,9 @@ def main():
     if not gmamba_ext.HAS_EXTENSION:
         sys.exit("gmamba_ext has no compiled extension here: build it first (pip install --no-build-isolation .)")
 
+    lanes = gmamba_ext.ops._C.CPU_SCAN_LANES  # channels per vector in the CPU scan (8: AVX2, 16: AVX-512)
     header = (f"# selective_scan on CPU ({'QUICK, ' if args.quick else ''}batch {batch}, {args.threads} threads, "
+              f"{lanes} channels per vector, "
               f"warm-up {args.warmup}, up to {args.repeats} runs or {args.max_s:g} s per cell; median (IQR) ms; "
               f"float32, with D, z, delta_bias, softplus; load average at start {os.getloadavg()[0]:.1f})")
     print(header, flush=True)
@@ -319,7 +321,7 @@ def main():
         rows += bench_shape(shape, args, lambda m: print(m, flush=True))
     table = markdown(rows)
     print("\n" + header + "\n\n" + table)
-    meta = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__,
+    meta = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__, "cpu_scan_lanes": lanes,
             "mambapy": None if pscan is None else __import__("importlib.metadata").metadata.version("mambapy"),
             "cpu": platform.processor() or platform.machine(), "warmup": args.warmup, "repeats": args.repeats,
             "max_s_per_cell": args.max_s, "mem_gb": args.mem_gb, "ref_max_s": args.ref_max_s,
