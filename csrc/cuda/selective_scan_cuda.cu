@@ -387,14 +387,13 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
     using acc_t = acc_of<scalar_t>;
     const auto args = make_bwd_args<scalar_t, acc_t>(in, s, dout, dlast, checkpoints, buffers, tiles);
     const int64_t blocks = chunk_blocks(s, tiles);
-    bwd_chunk_summary<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>(),
-                                                                     dt_sum.data_ptr<acc_t>());
+    acc_t* const carry_ptr = carry.data_ptr<acc_t>();
+    bwd_chunk_summary<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry_ptr, dt_sum.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dinitial_state enters holding dlast_state (or zeros) and leaves holding the initial state's gradient.
-    launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry.data_ptr<acc_t>(), args.dinitial_state, stream);
+    launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry_ptr, args.dinitial_state, stream);
     constexpr bool kFloatAcc = std::is_same_v<acc_t, float>;
     const LaneChoice lane = lane_backward_choice(s, args.f.B.variable, args.f.C.variable, kFloatAcc);
-    const acc_t* carry_ptr = carry.data_ptr<acc_t>();
     if (lane.states == 8 && s.channels_last) {
       launch_lane_backward<8, true>(args, blocks, carry_ptr, lane.prefer_l1, stream);
     } else if (lane.states == 8) {
@@ -406,7 +405,7 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
         else launch_lane_backward<16, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
       }
     } else {
-      bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry.data_ptr<acc_t>());
+      bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
