@@ -6,6 +6,9 @@ Environment:
   GMAMBA_NATIVE=0        build the CPU kernels for a generic x86-64/aarch64 instead of -march=native
   GMAMBA_CPU_LANES=8|16  channels per vector in the CPU scan (default: 16 where the build has AVX-512, else 8)
   GMAMBA_PTXAS_VERBOSE=1 print registers / shared memory / spills of every CUDA kernel
+  GMAMBA_SANITIZE=address,undefined
+                         compile the C++ sources with those -fsanitize checks, errors fatal (for tests: run
+                         Python with the sanitizer runtimes preloaded, as .ci/run does)
   MAX_JOBS               parallel compile jobs (torch's ninja builder)
 """
 import glob
@@ -110,10 +113,17 @@ def make_extension():
         if lanes not in ("8", "16"):
             fail(f"GMAMBA_CPU_LANES must be 8 or 16, got {lanes!r}")
         cxx.append(f"-DGMAMBA_CPU_LANES={lanes}")
+    link = []
+    sanitize = os.environ.get("GMAMBA_SANITIZE")
+    if sanitize:
+        if not all(check in ("address", "undefined") for check in sanitize.split(",")):
+            fail(f"GMAMBA_SANITIZE must be address, undefined or address,undefined; got {sanitize!r}")
+        # Fatal on the first report: a sanitizer error must fail the test that caused it.
+        cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        link.append(f"-fsanitize={sanitize}")
     # at::parallel_for is inline: in an OpenMP build of torch its `omp parallel` is compiled into our
     # object, and without -fopenmp it silently runs on one thread (every CPU kernel was serial until this).
     # The runtime is the libgomp.so.1 that torch has already loaded (same soname), so there is one pool.
-    link = []
     # Apple clang has no -fopenmp: there the kernels run on one thread (correct, slower).
     if torch.backends.openmp.is_available() and sys.platform != "darwin":
         cxx.append("-fopenmp")
