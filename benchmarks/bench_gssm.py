@@ -3,7 +3,9 @@ gmamba_ext.gssm_reference.gssm_ref (the spec as PyTorch ops + torch.fft: rfft2/i
 separate projections) with the best available scan plugged in: mambapy's parallel scan on CPU, mamba-ssm's
 CUDA selective_scan_fn on GPU. A second column plugs gmamba_ext's own scan into the same composition, to
 separate the gain of the fusion from the gain of the scan; a third (fused_composition) runs gssm's own
-kernels and algebra orchestrated from Python, to separate the gain of the C++ orchestration.
+kernels and algebra orchestrated from Python, to separate the gain of the C++ orchestration. With
+--other-save-policy, fused_recompute (CPU) or fused_keep (GPU) is the fused path with the device's other
+GMAMBA_GSSM_SAVE policy: what keeping x1, z1 and relu(pre) for the backward costs in memory and saves in time.
 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
 ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; on GPU also peak memory of
@@ -62,12 +64,33 @@ def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     return y.transpose(1, 2)
 
 
-def implementations(device, mamba_path):
+def with_save_policy(policy, fn):
+    """fn with GMAMBA_GSSM_SAVE=policy around the call (read by gssm's forward; the backward follows what
+    the forward kept)."""
+    def run(x, p, cfg):
+        previous = os.environ.get("GMAMBA_GSSM_SAVE")
+        os.environ["GMAMBA_GSSM_SAVE"] = policy
+        try:
+            return fn(x, p, cfg)
+        finally:
+            if previous is None:
+                del os.environ["GMAMBA_GSSM_SAVE"]
+            else:
+                os.environ["GMAMBA_GSSM_SAVE"] = previous
+    return run
+
+
+def implementations(device, mamba_path, other_save_policy=False):
     """name -> fn(x, params, config), and notes on what was unavailable."""
     # fused_composition: the same kernels and algebra orchestrated from Python (what gssm ran before the C++
     # orchestration, and what torch.compile traces): the column that shows the host-side gain.
     impls = {"fused": lambda x, p, cfg: gmamba_ext.gssm(x, p),
              "fused_composition": lambda x, p, cfg: gssm_composition(x, p)}
+    if other_save_policy:
+        # The fused path with the device's other save policy (the default keeps x1, z1 and relu(pre) on the
+        # CPU and recomputes them on a GPU): its time and peak memory against the default's.
+        other = "recompute" if device == "cpu" else "keep"
+        impls[f"fused_{other}"] = with_save_policy(other, impls["fused"])
     notes = []
     if device == "cpu":
         if importlib.util.find_spec("mambapy") is not None:
@@ -223,7 +246,7 @@ def measure(fn, cfg, params, x, device, args):
 
 def bench(args):
     device = args.device
-    impls, notes = implementations(device, args.mamba_ssm)
+    impls, notes = implementations(device, args.mamba_ssm, args.other_save_policy)
 
     def report(rows):
         return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -361,6 +384,8 @@ def main():
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--shapes", default=None, help='C x H pairs, e.g. "96x128,768x16" (default: DESIGN.md)')
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--other-save-policy", action="store_true",
+                        help="also time the fused path with GMAMBA_GSSM_SAVE=recompute (CPU) / keep (GPU)")
     parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
     parser.add_argument("--paired", type=int, default=None,
                         help="CPU: rounds of paired timing, fused against unfused_mambapy (default 10; 0: none)")

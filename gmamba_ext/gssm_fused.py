@@ -5,6 +5,7 @@ rather than Python and autograd work per op (a GPU forward at DESIGN's sizes was
 composition; the C++ path is 1.2x-2x faster there, and still host-bound: docs/GSSM.md)."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import List, Optional, Tuple
 
@@ -94,6 +95,17 @@ def _sizes(params, H, W):
     return H * W, d, E4, d4, R, N
 
 
+def keeps_intermediates(device: torch.device) -> bool:
+    """Whether gssm's forward keeps x1, z1 and relu(pre) for the backward on `device` (else the backward
+    recomputes them: less memory, more time). GMAMBA_GSSM_SAVE: "auto" (or unset) keeps them on the CPU
+    and recomputes them on GPUs; "keep" or "recompute" everywhere. Read by every forward call; the backward
+    follows what its forward kept. The C++ ops read it the same way (csrc/ops/gssm_fused.h)."""
+    policy = os.environ.get("GMAMBA_GSSM_SAVE") or "auto"
+    if policy not in ("auto", "keep", "recompute"):
+        raise ValueError(f"GMAMBA_GSSM_SAVE must be 'auto', 'keep' or 'recompute', got {policy!r}")
+    return device.type == "cpu" if policy == "auto" else policy == "keep"
+
+
 def _flags(variant, H, W):
     fusion = variant in ("full", "fem_ssm")
     fgmm = variant in ("full", "dft_fgmm_ssm")
@@ -114,16 +126,16 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
             return x.new_empty(shape if present else (0,), dtype=dtype if present else x.dtype)
 
         out = x.new_empty((B, L, C))
-        cpu = x.device.type == "cpu"
         if not save:
             return out, [], []
+        keep = keeps_intermediates(x.device)
         front = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
                  maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)), maybe(fgmm, (B, L, d)),
                  maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
-                 maybe(fusion and cpu, (B * L, 2 * d)),  # relu(pre): kept on the CPU only
+                 maybe(fusion and keep, (B * L, 2 * d)),  # relu(pre)
                  maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d,)),  # Px, Pl, c0
-                 maybe(fem and cpu, (B, L, d))]  # x1: kept on the CPU only
-        scan = [x.new_empty((B, L, d)), x.new_empty((B, L, d)), maybe(cpu, (B, L, d))]  # x2, y, z1 (CPU only)
+                 maybe(fem and keep, (B, L, d))]  # x1
+        scan = [x.new_empty((B, L, d)), x.new_empty((B, L, d)), maybe(keep, (B, L, d))]  # x2, y, z1
         for _ in initial_states:
             xdbl = x.new_empty((B * L, -(-(R + 2 * N) // 4) * 4))[:, :R + 2 * N]  # rows 16-byte aligned
             scan += [xdbl, x.new_empty((B, -(-L // 16), N, d), dtype=acc)]

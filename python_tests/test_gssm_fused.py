@@ -2,14 +2,15 @@
 composition of the same kernels (gssm_composition, itself checked against gssm_ref in test_gssm.py): outputs
 and every gradient in float64 over variants, masks, directions, initial states and layouts; opcheck of both
 raw ops; the routes that must fall back to the composition (functorch, composition_only); autocast around
-the backward; inference without saving; errors of the raw ops."""
+the backward; inference without saving; errors of the raw ops; both GMAMBA_GSSM_SAVE policies (keep or
+recompute x1, z1 and relu(pre)) on the CPU, so the branch CUDA takes by default is tested without a GPU."""
 import itertools
 
 import pytest
 import torch
 
 from gmamba_ext.gssm import composition_only, gssm, gssm_composition
-from gmamba_ext.gssm_fused import _param_keys
+from gmamba_ext.gssm_fused import _param_keys, keeps_intermediates
 from gmamba_ext.ops import HAS_EXTENSION
 from gssm_helpers import cast, make, param_fields
 
@@ -216,6 +217,77 @@ def test_raw_op_errors():
                                             *options)
 
 
+# GMAMBA_GSSM_SAVE: by default the CPU keeps x1, z1 and relu(pre) for the backward and CUDA recomputes them.
+# Both branches run on the CPU here, so the recompute branch is tested without a GPU.
+@pytest.mark.parametrize("variant,directions", [("full", "uni"), ("full", "bi"), ("ssm", "uni"),
+                                                ("fem_ssm", "bi"), ("dft_fgmm_ssm", "uni")])
+def test_save_policies_match_composition(variant, directions, monkeypatch):
+    cfg, p, g = make(16, variant=variant, directions=directions, d_state=5)
+    options = dict(variant=variant, directions=directions)
+    x = inputs(cfg, 2, 9, 12, g)
+    states = [torch.randn(2, cfg.d, cfg.d_state, generator=g, dtype=f64)] + [None] * (cfg.n_directions - 1)
+    dout = torch.randn(2, 9, 12, cfg.d_model, generator=g, dtype=f64)
+    want_out, want = outputs_and_grads(gssm_composition, x, p, states, dout, **options)
+    for policy in ("keep", "recompute"):
+        monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
+        got_out, got = outputs_and_grads(gssm, x, p, states, dout, **options)
+        torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def saved_values(lists):
+    return sum(t.numel() for t in itertools.chain(*lists))
+
+
+@pytest.mark.parametrize("variant", ["full", "ssm", "fem_ssm", "dft_fgmm_ssm"])
+def test_recompute_saves_x1_z1_and_relu_less(variant, monkeypatch):
+    x, params, init, options = raw_args(variant)
+    B, H, W, _ = x.shape
+    d = params[1].shape[0]
+    sizes = {}
+    for policy in ("keep", "recompute", "auto"):
+        monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
+        sizes[policy] = saved_values(torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)[1:])
+    # x1 only with a frequency stage, relu(pre) (B L x 2d) only with the fusion layer
+    fem, fusion = variant != "ssm", variant in ("full", "fem_ssm")
+    assert sizes["keep"] - sizes["recompute"] == B * H * W * d * (1 + fem + 2 * fusion)
+    assert sizes["auto"] == sizes["keep"]  # on the CPU
+
+
+def test_backward_follows_what_the_forward_kept(monkeypatch):
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 2, 8, 8, g)
+    dout = torch.randn(2, 8, 8, cfg.d_model, generator=g, dtype=f64)
+    want = outputs_and_grads(gssm_composition, x, p, [None], dout)[1]
+    for forward, backward in (("keep", "recompute"), ("recompute", "keep")):
+        monkeypatch.setenv("GMAMBA_GSSM_SAVE", forward)
+        xs = x.clone().requires_grad_()
+        out = gssm(xs, p)
+        monkeypatch.setenv("GMAMBA_GSSM_SAVE", backward)
+        out.backward(dout)
+        torch.testing.assert_close(xs.grad, want[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_opcheck_under_each_save_policy(policy, monkeypatch):
+    monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)  # the fake kernel must follow it too
+    opcheck_all(*raw_args("full", "bi", states=True))
+
+
+def test_bad_save_policy_is_refused(monkeypatch):
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 8, 8, g).requires_grad_()
+    monkeypatch.setenv("GMAMBA_GSSM_SAVE", "sometimes")
+    with pytest.raises(ValueError, match="GMAMBA_GSSM_SAVE must be 'auto', 'keep' or 'recompute'"):
+        gssm(x, p)
+    with pytest.raises(ValueError, match="GMAMBA_GSSM_SAVE must be"):
+        keeps_intermediates(x.device)
+
+
 def test_second_backward_needs_retain_graph():
     cfg, p, g = make(16, d_state=4)
     x = inputs(cfg, 1, 8, 8, g).requires_grad_()
@@ -234,7 +306,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("variant,directions", [("full", "bi"), ("ssm", "uni"), ("fem_ssm", "four"),
                                                 ("dft_fgmm_ssm", "uni")])
-def test_cuda_matches_composition(variant, directions):
+@pytest.mark.parametrize("policy", ["auto", "keep"])  # CUDA recomputes x1, z1, relu(pre) unless told to keep
+def test_cuda_matches_composition(variant, directions, policy, monkeypatch):
+    monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
     cfg, p, g = make(32, variant=variant, directions=directions, d_state=8)
     n = cfg.n_directions
     for dtype, tol in ((f64, 1e-10), (torch.float32, 1e-4)):

@@ -30,9 +30,9 @@ enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 
 // What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
 // `front` for the stages before the scan (kLow and the folded weights kPx, kPl, kC0 only with the fusion
-// layer; kRelu, relu(pre), only with it on the CPU: see Layout::keep_relu; kX1 only on the CPU with a
+// layer; kRelu, relu(pre), only with it and Layout::keep_relu; kX1 only with Layout::keep_conv and a
 // frequency stage), `scan` for the scans and out_proj (kScanSaved, then kSavedPerDirection per direction;
-// kZ1 only on the CPU: see Layout::keep_conv). No two alias each other. The backward runs
+// kZ1 only with Layout::keep_conv). No two alias each other. The backward runs
 // in two ops, scan part first, so that the caller can drop `scan` before the front part runs.
 enum FrontSaved : int {
   kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kX1, kNumFront
@@ -49,19 +49,24 @@ struct Layout {
   bool has_low;   // the low-pass mask keeps something (H >= 4 and W // 2 + 1 >= 4)
   bool corner;    // mask "corner" (else "symmetric")
   bool single_dt_bias;
-  // Keep relu(pre) from the forward rather than recompute it (two GEMMs) in the backward: on the CPU, where
-  // the GEMMs are most of the time (about 10 % of a forward + backward at C = 768) and no memory target
-  // applies; CUDA recomputes it (2 B L d values less at the peak: the <= 0.5x memory target).
+  // Keep relu(pre) from the forward rather than recompute it (two GEMMs) in the backward: by default on the
+  // CPU, where the GEMMs are most of the time (about 10 % of a forward + backward at C = 768) and no memory
+  // target applies; CUDA recomputes it (2 B L d values less at the peak: the <= 0.5x memory target).
   bool keep_relu;
   // Keep x1 and z1 (conv + SiLU's outputs) from the forward rather than recompute them in each backward op
-  // (two conv_silu passes, about 4 % of a CPU forward + backward at C = 96): on the CPU, for the same
-  // reason; CUDA recomputes them (the memory target).
+  // (two conv_silu passes, about 4 % of a CPU forward + backward at C = 96): by default on the CPU, for the
+  // same reason; CUDA recomputes them (the memory target).
+  // Both follow keeps_intermediates in the forward; the backward ops take them from what the forward saved.
   bool keep_conv;
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 
   int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }
   int out_proj_index() const { return kNumShared + kPerDirection * static_cast<int>(ndir); }
 };
+
+// Whether the forward keeps relu(pre), x1 and z1 for the backward (Layout::keep_relu, keep_conv) on
+// `device`: GMAMBA_GSSM_SAVE=auto (or unset: on the CPU only), keep, or recompute; read per forward call.
+bool keeps_intermediates(const c10::Device& device);
 
 // B: batch; dt: the compute dtype; the direction count follows from the parameter list's length.
 Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::TensorList params, int64_t H,
@@ -151,8 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_scan_fwd(const at::Tensor& u
 std::vector<at::Tensor> call_scan_bwd(const at::Tensor& dout, const at::Tensor& checkpoints, const at::Tensor& u,
                                       const ScanOperands& o);
 
-// Placeholder for an absent tensor in a Tensor[] (the Python side maps it to None).
+// Placeholder for an absent tensor in a Tensor[] (the Python side maps it to None). No saved tensor or
+// gradient is 1-D and empty, so is_absent tells them apart.
 inline at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
+inline bool is_absent(const at::Tensor& t) { return t.dim() == 1 && t.numel() == 0; }
 
 // Gradients [first, last) in their parameters' shapes and dtypes, `absent` where undefined.
 std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::TensorList params, size_t first,

@@ -1,9 +1,10 @@
 // The gradient of gssm_fwd for x, every parameter and the initial scan states, written out stage by stage in
 // reverse (each step's formula beside it), as two ops: gssm_bwd_scan (out_proj and the scans) then
 // gssm_bwd_front (FGMM, the gate, FEM, conv, in_proj), so that the caller frees the scan's saved tensors
-// between them. Recomputed rather than saved: on CUDA x1 and z1 (one conv_silu pass each op) and the fusion
-// layer's relu(pre) (two GEMMs); each direction's delta (one GEMM). Intermediates are released as soon
-// as they are consumed, and masks are applied in place: peak memory is the point of these details.
+// between them. Recomputed rather than saved: by default on CUDA (Layout::keep_conv, keep_relu) x1 and z1
+// (one conv_silu pass each op) and the fusion layer's relu(pre) (two GEMMs); each direction's delta (one
+// GEMM). Intermediates are released as soon as they are consumed, and masks are applied in place: peak
+// memory is the point of these details.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -94,7 +95,7 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
     if (s.has_low) dx1.add_(fem_low(dFm.view({s.B, s.L, d}), s));
     return dx1;
   }
-  // Fm = relu(pre) W2^T + b2,  pre = x1 Px^T + low Pl^T + c0 (relu(pre) recomputed on CUDA)
+  // Fm = relu(pre) W2^T + b2,  pre = x1 Px^T + low Pl^T + c0 (relu(pre) kept or recomputed)
   const at::Tensor &Px = saved[kPx], &Pl = saved[kPl];
   const at::Tensor x1f = x1.view({BL, d});
   at::Tensor relu = s.keep_relu ? saved[kRelu] : at::addmm(saved[kC0], x1f, Px.t());
@@ -128,16 +129,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   TORCH_CHECK_VALUE(xz.dim() == 3, "gssm_bwd_scan: xz must be (B, L, 2d), got shape ", xz.sizes());
-  const Layout s = describe(xz.size(0), xz.scalar_type(), xz.device(), params, H, W, variant, mask, single_dt_bias);
+  Layout s = describe(xz.size(0), xz.scalar_type(), xz.device(), params, H, W, variant, mask, single_dt_bias);
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == kScanSaved + kSavedPerDirection * s.ndir &&
                         static_cast<int64_t>(states.size()) == s.ndir,
                     "gssm_bwd_scan: 'saved' and 'initial_states' must be what gssm_fwd was given and returned");
+  s.keep_conv = !is_absent(saved[kZ1]);  // what the forward kept, whatever GMAMBA_GSSM_SAVE says now
   const Weights w{params, s};
   const int64_t BL = s.B * s.L, d = s.d;
   std::vector<at::Tensor> g(params.size());
   const at::Tensor go = as_dtype(dout.reshape({BL, s.C}), s.dt);
 
-  // 8. out = y Wy^T + z1 Wz^T (z1 saved on the CPU, else recomputed and dropped at once; dz1 is the front op's)
+  // 8. out = y Wy^T + z1 Wz^T (z1 saved or recomputed and dropped at once; dz1 is the front op's)
   const int out_i = s.out_proj_index();
   const at::Tensor w_out = w(out_i);
   {
@@ -180,17 +182,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   TORCH_CHECK_VALUE(x.dim() == 4, "gssm_bwd_front: x must be (B, H, W, C), got shape ", x.sizes());
-  const Layout s = describe(x.size(0), x.scalar_type(), x.device(), params, H, W, variant, mask, single_dt_bias);
+  Layout s = describe(x.size(0), x.scalar_type(), x.device(), params, H, W, variant, mask, single_dt_bias);
   check_tokens(x, s, "x");
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == kNumFront,
                     "gssm_bwd_front: 'saved' must be the front list gssm_fwd returned");
+  s.keep_relu = !is_absent(saved[kRelu]);  // what the forward kept, whatever GMAMBA_GSSM_SAVE says now
+  s.keep_conv = !is_absent(saved[kX1]);    // (read only with a frequency stage, the one case it is saved)
   const Weights w{params, s};
   const int64_t BL = s.B * s.L, d = s.d;
   std::vector<at::Tensor> g(params.size());
   const at::Tensor xz = saved[kXz];
   const auto [conv_w, conv_b] = conv_weights(w);
 
-  // 3-6. FGMM, gate, FEM (x1 saved on the CPU, else recomputed, z1 dropped here, not kept alive by the
+  // 3-6. FGMM, gate, FEM (x1 saved or recomputed, z1 dropped here, not kept alive by the
   // call's temporaries; without a frequency stage x1 is not read)
   at::Tensor x1;
   if (s.fem) x1 = s.keep_conv ? saved[kX1] : std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b));

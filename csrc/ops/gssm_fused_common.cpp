@@ -2,9 +2,21 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "gssm_fused.h"
 
 namespace gmamba::fused {
+
+bool keeps_intermediates(const c10::Device& device) {
+  const char* value = std::getenv("GMAMBA_GSSM_SAVE");
+  const std::string policy = value ? value : "";
+  if (policy.empty() || policy == "auto") return device.is_cpu();
+  TORCH_CHECK_VALUE(policy == "keep" || policy == "recompute",
+                    "GMAMBA_GSSM_SAVE must be 'auto', 'keep' or 'recompute', got '", policy, "'");
+  return policy == "keep";
+}
 
 Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::TensorList params, int64_t H,
                 int64_t W, c10::string_view variant, c10::string_view mask, bool single_dt_bias) {
@@ -36,8 +48,9 @@ Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::Ten
   s.has_low = H / 4 > 0 && (W / 2 + 1) / 4 > 0;
   s.corner = m == "corner";
   s.single_dt_bias = single_dt_bias;
-  s.keep_relu = s.fusion && device.is_cpu();
-  s.keep_conv = device.is_cpu();
+  const bool keep = keeps_intermediates(device);
+  s.keep_relu = s.fusion && keep;
+  s.keep_conv = keep;
   s.dt = dt;
   s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,
