@@ -8,8 +8,9 @@ kernels and algebra orchestrated from Python, to separate the gain of the C++ or
 GMAMBA_GSSM_SAVE policy: what keeping x1, z1 and relu(pre) for the backward costs in memory and saves in time.
 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
-ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; on GPU also peak memory of
-forward+backward and the number of kernels launched per forward / forward+backward (torch.profiler).
+ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; peak memory of forward+backward
+(GPU: torch.cuda's allocator; CPU: a worker per cell with a malloc-counting allocator preloaded,
+cpu_peak_memory.py), and on GPU the number of kernels launched per forward / forward+backward (torch.profiler).
 Outputs and gradients are checked to agree before timing. On CPU also a paired speed-up against
 unfused_mambapy (--paired ROUNDS): the two take turns call by call, each in a worker process of its own that
 keeps freed memory (paired_timing.py), so neither the machine's drift nor the allocator's page faults enter
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ except ImportError:  # built in place, not installed: use the checkout
 from bench_scan_cpu import timeit  # noqa: E402
 from bench_scan_gpu import peak_memory, timed  # noqa: E402
 from paired_timing import paired_times, serve  # noqa: E402
+from cpu_peak_memory import build_shim, peak_mib, report_peak  # noqa: E402
 from gmamba_ext.gssm import gssm_composition  # noqa: E402
 from gmamba_ext.gssm_reference import GSSMConfig, GSSMParams, gssm_ref  # noqa: E402
 
@@ -191,7 +194,8 @@ PAIRED = ("fused", "unfused_mambapy")
 
 
 def worker_argv(args, name, C, H, batch, dtype, pass_):
-    """Command line of a paired-timing worker: implementation `name`, one pass ("fwd" or "fwd_bwd")."""
+    """Command line of a worker: implementation `name`, one pass ("fwd" or "fwd_bwd": paired timing; "peak":
+    the peak memory of forward + backward)."""
     return [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--worker", name, "--worker-pass", pass_,
             "--worker-threads", str(torch.get_num_threads()), "--shapes", f"{C}x{H}", "--batch", str(batch),
             "--dtypes", dtype]
@@ -202,7 +206,9 @@ def run_worker(args):
     torch.set_num_threads(args.worker_threads)
     (C, H), = shapes_of(args.shapes)
     cfg, params, x = make_case(args.batch, C, H, "cpu", getattr(torch, args.dtypes))
-    fwd, fwd_bwd = closures(implementations("cpu", None)[0][args.worker], cfg, params, x)
+    fwd, fwd_bwd = closures(implementations("cpu", None, other_save_policy=True)[0][args.worker], cfg, params, x)
+    if args.worker_pass == "peak":
+        return report_peak(fwd_bwd)
     run = fwd if args.worker_pass == "fwd" else fwd_bwd
     run()
     serve(run)
@@ -255,6 +261,11 @@ def bench(args):
 
     batch = args.batch or (2 if args.quick and device == "cpu" else 8)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    shim = None
+    if device == "cpu":  # peak memory through a counting allocator preloaded into a worker per cell
+        shim, why = build_shim(tempfile.mkdtemp(prefix="gssm_peak_"))
+        if why:
+            notes.append(why)
     rows = []
     for dtype in dtypes:
         for C, H in shapes_of(args.shapes):
@@ -269,6 +280,8 @@ def bench(args):
                     row.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"[:300]
                     print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} FAILED: {row['errors'][name]}")
                     continue
+                if shim:
+                    res["peak_mib_fwd_bwd"] = peak_mib(worker_argv(args, name, C, H, batch, row["dtype"], "peak"), shim)
                 row["impl"][name] = res
                 print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} fwd {res['fwd']['median_ms']:9.2f} ms   "
                       f"fwd+bwd {res['fwd_bwd']['median_ms']:9.2f} ms", flush=True)
@@ -316,10 +329,12 @@ def markdown(report):
     head = "| dtype | B | C | H=W | fused fwd ms | fused fwd+bwd ms |"
     for b in baselines:
         head += f" {b} fwd ms | {b} fwd+bwd ms | speed-up fwd | speed-up fwd+bwd |"
-    gpu = any("peak_mib_fwd_bwd" in r["impl"]["fused"] for r in rows)
+    peak = any("peak_mib_fwd_bwd" in r["impl"]["fused"] for r in rows)
+    gpu = any("kernels_fwd" in r["impl"]["fused"] for r in rows)
+    if peak:
+        head += " fused peak MiB | " + " | ".join(f"{b} peak MiB" for b in baselines) + " |"
     if gpu:
-        head += " fused peak MiB | " + " | ".join(f"{b} peak MiB" for b in baselines) + " | fused kernels fwd | " \
-            + " | ".join(f"{b} kernels fwd" for b in baselines) + " |"
+        head += " fused kernels fwd | " + " | ".join(f"{b} kernels fwd" for b in baselines) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     cell = lambda s: f"{s['median_ms']:.2f} ({s['p25_ms']:.2f}-{s['p75_ms']:.2f})"  # noqa: E731
     for r in rows:
@@ -330,10 +345,12 @@ def markdown(report):
             line += (" failed | failed | - | - |" if o is None else
                      f" {cell(o['fwd'])} | {cell(o['fwd_bwd'])} | {o['fwd']['median_ms'] / fu['fwd']['median_ms']:.2f}x"
                      f" | {o['fwd_bwd']['median_ms'] / fu['fwd_bwd']['median_ms']:.2f}x |")
+        other = lambda b, k, f=".0f": "-" if k not in r["impl"].get(b, {}) else f"{r['impl'][b][k]:{f}}"  # noqa: E731
+        if peak:
+            line += f" {other('fused', 'peak_mib_fwd_bwd', '.1f')} | " \
+                + " | ".join(other(b, "peak_mib_fwd_bwd", ".1f") for b in baselines) + " |"
         if gpu:
-            other = lambda b, k: "-" if b not in r["impl"] else f"{r['impl'][b][k]:.0f}"  # noqa: E731
-            line += f" {fu['peak_mib_fwd_bwd']:.0f} | " + " | ".join(other(b, "peak_mib_fwd_bwd") for b in baselines) \
-                + f" | {fu['kernels_fwd']} | " + " | ".join(other(b, "kernels_fwd") for b in baselines) + " |"
+            line += f" {fu['kernels_fwd']} | " + " | ".join(other(b, "kernels_fwd") for b in baselines) + " |"
         lines.append(line)
     lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
               "faster). Gradients: x and every parameter.", ""]
