@@ -27,18 +27,26 @@ void fusion_weights_backward(const Weights& w, const at::Tensor& dPx, const at::
   const at::Tensor Whp = w(kHighProjW), Wlp = w(kLowProjW), bhp = w(kHighProjB), blp = w(kLowProjB);
   const at::Tensor dH = dPl.defined() ? dPx - dPl : dPx;  // gradient of W1c Whp, before the factor sh
   const at::Tensor W1c_dH = at::mm(W1c.t(), dH), W1b_dc0 = at::mv(W1b.t(), dc0), W1c_dc0 = at::mv(W1c.t(), dc0);
-  at::Tensor dW1b = at::outer(dc0, blp);  // before the factor sl
+  // dW1 = [dPx | sl (dPl Wlp^T + dc0 blp^T) | sh (dH Whp^T + dc0 bhp^T)], each block written in place (the
+  // outer products as rank-1 GEMMs): no (2d, d) temporaries, a parameter-sized peak where C is large.
+  at::Tensor dW1 = at::empty({2 * d, 3 * d}, dPx.options());
+  at::Tensor dW1b = dW1.narrow(1, d, d), dW1c = dW1.narrow(1, 2 * d, d);
+  dW1.narrow(1, 0, d).copy_(dPx);
+  at::mm_out(dW1b, dc0.unsqueeze(1), blp.unsqueeze(0));
   at::Tensor dsl = at::dot(W1b_dc0, blp);
   if (dPl.defined()) {
-    const at::Tensor W1b_dPl = at::mm(W1b.t(), dPl);
+    at::Tensor W1b_dPl = at::mm(W1b.t(), dPl);
     dW1b.addmm_(dPl, Wlp.t());
-    g[kLowProjW] = sl * W1b_dPl;
     dsl = dsl + (W1b_dPl * Wlp).sum();
+    g[kLowProjW] = W1b_dPl.mul_(sl);
   } else {
     g[kLowProjW] = at::zeros_like(Wlp);
   }
+  dW1b.mul_(sl);
+  at::mm_out(dW1c, dc0.unsqueeze(1), bhp.unsqueeze(0));
+  dW1c.addmm_(dH, Whp.t()).mul_(sh);
   const at::Tensor dsh = (W1c_dH * Whp).sum() + at::dot(W1c_dc0, bhp);
-  g[kFuse0W] = at::cat({dPx, sl * dW1b, sh * at::mm(dH, Whp.t()).add_(at::outer(dc0, bhp))}, 1);
+  g[kFuse0W] = dW1;
   g[kFuse0B] = dc0;
   g[kHighProjW] = sh * W1c_dH;
   g[kLowProjB] = sl * W1b_dc0;
@@ -145,7 +153,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
   {
     const auto [conv_w, conv_b] = conv_weights(w);
     const at::Tensor z1 = s.keep_conv ? saved[kZ1] : std::get<1>(call_conv_silu_fwd(xz, conv_w, conv_b));
-    g[out_i] = at::cat({at::mm(go.t(), saved[kY].view({BL, d})), at::mm(go.t(), z1.view({BL, d}))}, 1);
+    g[out_i] = at::empty({s.C, 2 * d}, go.options());  // both halves written in place: no (C, d) temporaries
+    at::Tensor gy = g[out_i].narrow(1, 0, d), gz = g[out_i].narrow(1, d, d);
+    at::mm_out(gy, go.t(), saved[kY].view({BL, d}));
+    at::mm_out(gz, go.t(), z1.view({BL, d}));
   }
   at::Tensor dy = at::mm(go, w_out.narrow(1, 0, d)).view({s.B, s.L, d});
 
