@@ -56,7 +56,8 @@ struct Layout {
   // Keep x1 and z1 (conv + SiLU's outputs) from the forward rather than recompute them in each backward op
   // (two conv_silu passes, about 4 % of a CPU forward + backward at C = 96): by default on the CPU, for the
   // same reason; CUDA recomputes them (the memory target).
-  // Both follow keeps_intermediates in the forward; the backward ops take them from what the forward saved.
+  // Both false from describe(); the saving forward sets them from keeps_intermediates, the backward ops from
+  // what the forward saved.
   bool keep_conv;
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 

@@ -48,9 +48,7 @@ Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::Ten
   s.has_low = H / 4 > 0 && (W / 2 + 1) / 4 > 0;
   s.corner = m == "corner";
   s.single_dt_bias = single_dt_bias;
-  const bool keep = keeps_intermediates(device);
-  s.keep_relu = s.fusion && keep;
-  s.keep_conv = keep;
+  s.keep_relu = s.keep_conv = false;  // set by the forward when it saves, and by the backward from what it saved
   s.dt = dt;
   s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,

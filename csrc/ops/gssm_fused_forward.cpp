@@ -72,7 +72,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;  // the inner ops' autograd kernels are Python: skip them
   TORCH_CHECK_VALUE(x.dim() == 4, "gssm: x must be (B, H, W, C), got shape ", x.sizes());
-  const Layout s = describe(x.size(0), x.scalar_type(), x.device(), params, H, W, variant, mask, single_dt_bias);
+  Layout s = describe(x.size(0), x.scalar_type(), x.device(), params, H, W, variant, mask, single_dt_bias);
+  if (save) {  // GMAMBA_GSSM_SAVE is read only when there is a backward to serve
+    s.keep_conv = keeps_intermediates(x.device());
+    s.keep_relu = s.fusion && s.keep_conv;
+  }
   check_tokens(x, s, "x");
   TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == s.ndir, "gssm: expected ", s.ndir,
                     " initial states (one per scan direction, None allowed), got ", states.size());
