@@ -89,7 +89,7 @@ def cuda_archs():
     return os.environ.get("TORCH_CUDA_ARCH_LIST", "(the visible GPUs)")
 
 
-def write_build_info(with_cuda, archs, openmp):
+def write_build_info(with_cuda, archs, openmp, sanitize):
     path = os.path.join(HERE, "gmamba_ext", "_build_info.py")
     with open(path, "w") as f:
         f.write("# Written by setup.py at build time.\n")
@@ -98,6 +98,7 @@ def write_build_info(with_cuda, archs, openmp):
         f.write(f"BACKENDS = {('cpu', 'cuda') if with_cuda else ('cpu',)!r}\n")
         f.write(f"CUDA_ARCHS = {archs if with_cuda else None!r}\n")
         f.write(f"OPENMP = {openmp!r}  # CPU kernels compiled with -fopenmp (multi-threaded)\n")
+        f.write(f"SANITIZE = {sanitize or None!r}  # -fsanitize checks compiled in (GMAMBA_SANITIZE)\n")
 
 
 def make_extension():
@@ -130,7 +131,7 @@ def make_extension():
         link.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:
-        write_build_info(False, None, bool(link))
+        write_build_info(False, None, "-fopenmp" in link, sanitize)
         return CppExtension("gmamba_ext._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = cuda_archs()
@@ -139,7 +140,7 @@ def make_extension():
     if env_flag("GMAMBA_PTXAS_VERBOSE"):
         nvcc.append("-Xptxas=-v")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    write_build_info(True, archs, bool(link))
+    write_build_info(True, archs, "-fopenmp" in link, sanitize)
     return CUDAExtension(
         "gmamba_ext._C",
         sources,

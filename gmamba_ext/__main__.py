@@ -1,10 +1,23 @@
 """`python -m gmamba_ext`: what was built (versions, backends, CUDA archs) and which devices are visible."""
+import os
 import platform
 
 import torch
 
 import gmamba_ext
 from gmamba_ext import ops
+
+
+def _save_policy():
+    from gmamba_ext.gssm_fused import keeps_intermediates
+
+    try:
+        keeps = {d: keeps_intermediates(torch.device(d)) for d in ("cpu", "cuda")}
+    except ValueError as error:
+        return str(error)
+    policy = os.environ.get("GMAMBA_GSSM_SAVE") or "auto"
+    return ", ".join(f"{d} {'yes' if k else 'no (recomputed)'}" for d, k in keeps.items()) + \
+        f" (GMAMBA_GSSM_SAVE={policy})"
 
 
 def main():
@@ -24,6 +37,9 @@ def main():
                    else "1 thread (built without OpenMP)" if openmp is False else "threads unknown (older build)")
         lanes = getattr(ops._C, "CPU_SCAN_LANES", None)  # channels per vector (8: AVX2, 16: AVX-512)
         print(f"CPU kernels: {threads}" + (f"; scan vectors of {lanes} channels" if lanes else ""))
+        if getattr(info, "SANITIZE", None):
+            print(f"built with -fsanitize={info.SANITIZE}: import with the sanitizer runtimes preloaded (README)")
+    print(f"gssm keeps x1, z1, relu(pre) for the backward: {_save_policy()}")
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

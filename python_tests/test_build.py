@@ -26,6 +26,20 @@ def test_python_m_gmamba_ext_reports(capsys):
     assert "CPU kernels:" in out or not gmamba_ext.HAS_EXTENSION
 
 
+def test_python_m_gmamba_ext_reports_the_save_policy(capsys, monkeypatch):
+    from gmamba_ext.__main__ import main
+
+    for policy, line in ((None, "cpu yes, cuda no (recomputed) (GMAMBA_GSSM_SAVE=auto)"),
+                         ("recompute", "cpu no (recomputed), cuda no (recomputed) (GMAMBA_GSSM_SAVE=recompute)"),
+                         ("x", "GMAMBA_GSSM_SAVE must be 'auto', 'keep' or 'recompute', got 'x'")):
+        if policy is None:
+            monkeypatch.delenv("GMAMBA_GSSM_SAVE", raising=False)
+        else:
+            monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
+        main()
+        assert f"gssm keeps x1, z1, relu(pre) for the backward: {line}" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not gmamba_ext.HAS_EXTENSION, reason="no compiled extension")
 def test_cpu_kernels_are_built_multithreaded_where_torch_uses_openmp():
     """Regression: at::parallel_for is inline; without -fopenmp our kernels silently ran on one thread."""
