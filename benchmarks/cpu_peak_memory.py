@@ -28,15 +28,22 @@ def build_shim(folder):
     return path, None
 
 
-def report_peak(run):
-    """Worker: one untimed call, then the peak (MiB above what was held before) of one more call."""
+def counter():
+    """In a process with the allocator preloaded: its cpu_peak_reset() (bytes held now; the peak restarts
+    there) and cpu_peak_get() (the peak since)."""
     lib = ctypes.CDLL(None)
     lib.cpu_peak_reset.restype = lib.cpu_peak_get.restype = ctypes.c_long
+    return lib.cpu_peak_reset, lib.cpu_peak_get
+
+
+def report_peak(run):
+    """Worker: one untimed call, then the peak (MiB above what was held before) of one more call."""
+    reset, get = counter()
     result = run()
     del result
-    base = lib.cpu_peak_reset()
+    base = reset()
     result = run()
-    print(f"PEAK_MIB {(lib.cpu_peak_get() - base) / 2**20:.3f}", flush=True)
+    print(f"PEAK_MIB {(get() - base) / 2**20:.3f}", flush=True)
 
 
 def peak_mib(argv, shim):

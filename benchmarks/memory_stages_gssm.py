@@ -10,7 +10,6 @@ there as `python benchmarks/memory_stages_gssm.py --device cpu` (it re-runs itse
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gssm import make_case, shapes_of  # noqa: E402
-from cpu_peak_memory import build_shim  # noqa: E402
+from cpu_peak_memory import build_shim, counter  # noqa: E402
 from gmamba_ext.gssm_fused import _param_fields  # noqa: E402
 
 MIB = 2**20
@@ -32,21 +31,20 @@ class Meter:
     def __init__(self, device):
         self.cuda = device == "cuda"
         if not self.cuda:
-            self.lib = ctypes.CDLL(None)
-            self.lib.cpu_peak_reset.restype = self.lib.cpu_peak_get.restype = ctypes.c_long
+            self.cpu_reset, self.cpu_peak = counter()
 
     def reset(self):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
-        return self.lib.cpu_peak_reset()
+        return self.cpu_reset()
 
     def peak(self):
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
-        return self.lib.cpu_peak_get()
+        return self.cpu_peak()
 
 
 def stages(device, C, H, dtype, batch):
