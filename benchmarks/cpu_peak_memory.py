@@ -46,9 +46,10 @@ def report_peak(run):
     print(f"PEAK_MIB {(get() - base) / 2**20:.3f}", flush=True)
 
 
-def peak_mib(argv, shim):
-    """Runs a worker command line with the counting allocator preloaded; its PEAK_MIB."""
-    env = dict(os.environ, LD_PRELOAD=shim)
+def peak_mib(argv, shim, env=None):
+    """Runs a worker command line with the counting allocator preloaded (and `env`'s variables set); its
+    PEAK_MIB."""
+    env = dict(os.environ, **(env or {}), LD_PRELOAD=shim)
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("PEAK_MIB "):

@@ -62,6 +62,8 @@ def stages(device, C, H, dtype, batch):
         rows.append((name, (before - start) / MIB, (meter.peak() - start) / MIB, (meter.reset() - start) / MIB))
         return result
 
+    # inference first: a forward that saves nothing (as under torch.no_grad), its output dropped after
+    run("inference", lambda: torch.ops.gmamba_ext.gssm_fwd(x, ps, [None], *opts, False)[0].shape)
     out, front, scan = run("forward", lambda: torch.ops.gmamba_ext.gssm_fwd(x, ps, [None], *opts, True))
     dx2, *grads_scan = run("bwd_scan", lambda: torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], ps, [None],
                                                                                     scan, *opts))
@@ -93,9 +95,12 @@ def main():
                 os.environ["GMAMBA_GSSM_SAVE"] = policy
                 stages(args.device, C, H, dtype, batch)  # warm-up: first-call workspaces (BLAS, caches) stay
                 rows, unit = stages(args.device, C, H, dtype, batch)
+                (_, _, inference, _), *rows = rows
                 cells = "; ".join(f"{n} {b:.1f} / {p:.1f} / {a:.1f}" for n, b, p, a in rows)
-                lines.append(f"- {str(dtype)[6:]} C={C} H={H} {policy}: {cells}; peak {max(r[2] for r in rows):.1f}"
-                             f" MiB = {max(r[2] for r in rows) / unit:.1f} u (u = {unit:.2f} MiB)")
+                train = max(r[2] for r in rows)
+                lines.append(f"- {str(dtype)[6:]} C={C} H={H} {policy}: {cells}; peak {train:.1f} MiB = "
+                             f"{train / unit:.1f} u (u = {unit:.2f} MiB); inference (forward saving nothing) "
+                             f"peak {inference:.1f} MiB = {inference / unit:.1f} u")
                 print(lines[-1], flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -130,7 +130,7 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
             return out, [], []
         keep = keeps_intermediates(x.device)
         front = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
-                 maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)), maybe(fgmm, (B, L, d)),
+                 maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)),
                  maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
                  maybe(fusion and keep, (B * L, 2 * d)),  # relu(pre)
                  maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d, d)), maybe(fusion, (2 * d,)),  # Px, Pl, c0

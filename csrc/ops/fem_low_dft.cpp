@@ -72,8 +72,9 @@ at::Tensor fem_low_dft(const at::Tensor& x, const Layout& s) {
   weight.narrow(1, 0, 1).fill_(1.0 / static_cast<double>(s.W));
   const at::Tensor Gw = at::cat({cw.t() * weight, -sw.t() * weight}, 1).to(acc);
 
-  const at::Tensor xf = as_dtype(x, s.acc).reshape({s.B * s.H, s.W, s.d});
-  const at::Tensor Xw = at::matmul(Fw, xf).view({s.B, s.H, 2 * cols});              // [re | im] per (b, h)
+  // x in the transform's precision lives only for the first product (a float32 copy for half inputs)
+  const at::Tensor Xw = at::matmul(Fw, as_dtype(x, s.acc).reshape({s.B * s.H, s.W, s.d}))
+                            .view({s.B, s.H, 2 * cols});                              // [re | im] per (b, h)
   const at::Tensor Z = complex_from_blocks(at::matmul(FU, Xw), U, cols);            // (B, U, 2 cols)
   const at::Tensor Y = complex_from_blocks(at::matmul(GU, Z), s.H, cols);           // (B, H, 2 cols)
   const at::Tensor low = at::matmul(Gw, Y.view({s.B * s.H, 2 * ncol, s.d}));        // (B H, W, d)

@@ -31,11 +31,12 @@ enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 // What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
 // `front` for the stages before the scan (kLow and the folded weights kPx, kPl, kC0 only with the fusion
 // layer; kRelu, relu(pre), only with it and Layout::keep_relu; kX1 only with Layout::keep_conv and a
-// frequency stage), `scan` for the scans and out_proj (kScanSaved, then kSavedPerDirection per direction;
+// frequency stage; FGMM's conv output c is recomputed from kHid, one small GEMM, rather than held through the
+// scan's backward), `scan` for the scans and out_proj (kScanSaved, then kSavedPerDirection per direction;
 // kZ1 only with Layout::keep_conv). No two alias each other. The backward runs
 // in two ops, scan part first, so that the caller can drop `scan` before the front part runs.
 enum FrontSaved : int {
-  kXz, kLow, kFm, kHid, kGateLogit, kFc, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kX1, kNumFront
+  kXz, kLow, kFm, kHid, kGateLogit, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kX1, kNumFront
 };
 enum ScanSaved : int { kX2, kY, kZ1, kScanSaved };
 enum SavedPerDirection : int { kXdbl, kCheckpoints, kSavedPerDirection };
@@ -133,6 +134,10 @@ std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w);
 
 // FGMM's small weights as fgmm_fwd / fgmm_bwd take them: w1 (d/4, d), b1, w2 (2, d/4), b2, ratio ().
 std::vector<at::Tensor> fgmm_weights(const Weights& w);
+
+// FGMM's conv output c = hid_c Wc2^T + bc2 (B, L, d) from the stacked gate / FGMM hidden layer hid (B L, E/4 +
+// d/4). The forward does not save c: the backward recomputes it here, bitwise as the forward made it.
+at::Tensor fgmm_conv(const Weights& w, const at::Tensor& hid);
 
 // Direction k's scan operands, from its x_proj output xdbl (B L, R + 2N).
 struct ScanOperands {

@@ -61,14 +61,14 @@ at::Tensor fgmm_backward(const Weights& w, at::TensorList saved, const at::Tenso
                          at::Tensor& dx1, std::vector<at::Tensor>& g) {
   const Layout& s = w.s;
   const int64_t BL = s.B * s.L, d = s.d;
-  std::vector<at::Tensor> r = call_fgmm_bwd(dx2, x1, saved[kFm], saved[kFc], saved[kGateLogit], saved[kPoolS],
-                                            saved[kMixA], saved[kGateG], fgmm_weights(w));
+  const at::Tensor hid = saved[kHid];
+  std::vector<at::Tensor> r = call_fgmm_bwd(dx2, x1, saved[kFm], fgmm_conv(w, hid), saved[kGateLogit],
+                                            saved[kPoolS], saved[kMixA], saved[kGateG], fgmm_weights(w));
   dx1 = r[0];
   for (int i = 0; i < 5; ++i) g[kAdapt1W + i] = r[4 + i];
   at::Tensor dc = r[2].view({BL, d});
   const at::Tensor dgl = r[3].view({BL, 1});
   r[2].reset();
-  const at::Tensor hid = saved[kHid];
   g[kGate2W] = at::mm(dgl.t(), hid.narrow(1, 0, s.E4));
   g[kGate2B] = dgl.sum(0);
   g[kFconv2W] = skinny_weight_grad(dc, hid.narrow(1, s.E4, s.d4));

@@ -75,9 +75,11 @@ at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
   if (s.B == 0) return at::zeros_like(x);  // pocketfft / MKL reject empty batches
   if (x.is_cpu()) return fem_low_dft(x, s);  // see fem_low_dft.cpp: ATen's FFTs copy more than they compute
   const int64_t n = s.H / 4, ncol = (s.W / 2 + 1) / 4;
-  const at::Tensor xf = as_dtype(x.reshape({s.B, s.H, s.W, s.d}), s.acc);
-  // Pruned: only the ncol low columns go through the FFT along H.
-  const at::Tensor X = at::fft_fft(at::fft_rfft(xf, std::nullopt, 2).narrow(2, 0, ncol), std::nullopt, 1);
+  // Pruned: only the ncol low columns go through the FFT along H. x in float32 (a copy for half inputs) and
+  // its full rfft live only inside this expression.
+  const at::Tensor X = at::fft_fft(
+      at::fft_rfft(as_dtype(x.reshape({s.B, s.H, s.W, s.d}), s.acc), std::nullopt, 2).narrow(2, 0, ncol),
+      std::nullopt, 1);
   at::Tensor Y;
   if (s.corner) {
     Y = at::fft_ifft(X.narrow(1, 0, n), s.H, 1);  // the kept rows u < n, zero-padded to H
@@ -116,6 +118,12 @@ std::vector<at::Tensor> fgmm_weights(const Weights& w) {
   const Layout& s = w.s;
   return {w.acc(kAdapt1W).reshape({s.d4, s.d}), w.acc(kAdapt1B), w.acc(kAdapt3W).reshape({2, s.d4}),
           w.acc(kAdapt3B), w.acc(kRatio).reshape({})};
+}
+
+at::Tensor fgmm_conv(const Weights& w, const at::Tensor& hid) {
+  const Layout& s = w.s;
+  return at::addmm(w(kFconv2B), hid.narrow(1, s.E4, s.d4), w(kFconv2W).reshape({s.d, s.d4}).t())
+      .view({s.B, s.L, s.d});
 }
 
 ScanOperands scan_operands(const Weights& w, int64_t k, const at::Tensor& xdbl,

@@ -28,11 +28,13 @@ Fusion fusion_weights(const Weights& w) {
 }
 
 struct Frequency {  // FEM and FGMM outputs, and what the backward keeps of them
-  at::Tensor x2, low, Fm, hid, gate_logit, fc, pool_s, mix_a, gate_g, relu;
+  at::Tensor x2, low, Fm, hid, gate_logit, pool_s, mix_a, gate_g, relu;
   Fusion folded;  // the fusion layer's folded weights (small: (2d, d) and (2d,))
 };
 
-Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
+// Without `save` (no backward to serve) each intermediate is dropped once read: the forward's peak is then
+// about 6 (B, L, d) tensors instead of every intermediate at once.
+Frequency frequency_stages(const Weights& w, const at::Tensor& x1, bool save) {
   const Layout& s = w.s;
   const int64_t BL = s.B * s.L, d = s.d;
   Frequency f;
@@ -46,6 +48,7 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
     const Fusion& fw = f.folded;
     at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
     if (f.low.defined()) pre.addmm_(f.low.view({BL, d}), fw.Pl.t());
+    if (!save) f.low.reset();
     f.Fm = at::addmm(w(kFuse2B), pre.relu_(), w(kFuse2W).t()).view({s.B, s.L, d});
     if (s.keep_relu) f.relu = pre;
   } else {
@@ -59,9 +62,8 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1) {
   const at::Tensor w_first = at::cat({w(kGate0W), w(kFconv0W).reshape({s.d4, d})});
   f.hid = at::addmm(at::cat({w(kGate0B), w(kFconv0B)}), f.Fm.view({BL, d}), w_first.t()).relu_();
   f.gate_logit = at::addmm(w(kGate2B), f.hid.narrow(1, 0, s.E4), w(kGate2W).t()).view({s.B, s.L});
-  f.fc = at::addmm(w(kFconv2B), f.hid.narrow(1, s.E4, s.d4), w(kFconv2W).reshape({d, s.d4}).t())
-             .view({s.B, s.L, d});
-  std::tie(f.x2, f.pool_s, f.mix_a, f.gate_g) = call_fgmm_fwd(x1, f.Fm, f.fc, f.gate_logit, fgmm_weights(w));
+  std::tie(f.x2, f.pool_s, f.mix_a, f.gate_g) =
+      call_fgmm_fwd(x1, f.Fm, fgmm_conv(w, f.hid), f.gate_logit, fgmm_weights(w));
   return f;
 }
 
@@ -84,12 +86,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
   const int64_t BL = s.B * s.L, d = s.d;
 
   // 1-2. in_proj, then conv + SiLU of both halves in one pass
-  const at::Tensor xz = at::mm(x.reshape({BL, s.C}), w(kInProj).t()).view({s.B, s.L, 2 * d});
+  at::Tensor xz = at::mm(x.reshape({BL, s.C}), w(kInProj).t()).view({s.B, s.L, 2 * d});
   const auto [conv_w, conv_b] = conv_weights(w);
-  const auto [x1, z1] = call_conv_silu_fwd(xz, conv_w, conv_b);
+  auto [x1, z1] = call_conv_silu_fwd(xz, conv_w, conv_b);
+  if (!save) xz.reset();
 
-  // 3-6. FEM, FGMM and the global gate
-  Frequency f = frequency_stages(w, x1);
+  // 3-6. FEM, FGMM and the global gate (x1 is kept only for a backward that does not recompute it)
+  Frequency f = frequency_stages(w, x1, save);
+  if (!save) {
+    Frequency x2_only;
+    x2_only.x2 = f.x2;
+    f = x2_only;
+  }
+  if (!(save && s.keep_conv && s.fem)) x1.reset();
 
   // 7. the selective scan per direction (channels last; softplus and delta_bias folded into the kernel)
   at::Tensor y;
@@ -107,6 +116,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
       per_direction.push_back(checkpoints);
     }
   }
+  if (!save) f.x2.reset();
 
   // 8. out_proj on [y | z1] without concatenating
   const at::Tensor w_out = w(s.out_proj_index());
@@ -122,7 +132,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
   // low only where the backward reads it (the fusion layer); in dft_fgmm_ssm it is Fm itself.
   // x1 only with a frequency stage: without one x2 is x1, saved in `scan`, and the front's backward does
   // not read x1.
-  for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.Fm, f.hid, f.gate_logit, f.fc, f.pool_s,
+  for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.Fm, f.hid, f.gate_logit, f.pool_s,
                               f.mix_a, f.gate_g, f.relu, f.folded.Px, f.folded.Pl, f.folded.c0,
                               s.keep_conv && s.fem ? x1 : at::Tensor()})
     keep(front, t);
