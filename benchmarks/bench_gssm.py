@@ -8,8 +8,8 @@ kernels and algebra orchestrated from Python, to separate the gain of the C++ or
 GMAMBA_GSSM_SAVE policy: what keeping x1, z1 and relu(pre) for the backward costs in memory and saves in time.
 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
-ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; peak memory of forward+backward
-(GPU: torch.cuda's allocator; CPU: a worker per cell with a malloc-counting allocator preloaded,
+ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; peak memory of forward+backward and
+of inference (a forward under no_grad) (GPU: torch.cuda's allocator; CPU: a worker per cell with a malloc-counting allocator preloaded,
 cpu_peak_memory.py), and on GPU the number of kernels launched per forward / forward+backward (torch.profiler).
 Outputs and gradients are checked to agree before timing. On CPU also a paired speed-up against
 unfused_mambapy (--paired ROUNDS): the two take turns call by call, each in a worker process of its own that
@@ -195,7 +195,7 @@ PAIRED = ("fused", "unfused_mambapy")
 
 def worker_argv(args, name, C, H, batch, dtype, pass_):
     """Command line of a worker: implementation `name`, one pass ("fwd" or "fwd_bwd": paired timing; "peak":
-    the peak memory of forward + backward)."""
+    the peak memory of forward + backward; "peak_fwd": of a forward without autograd, i.e. inference)."""
     return [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--worker", name, "--worker-pass", pass_,
             "--worker-threads", str(torch.get_num_threads()), "--shapes", f"{C}x{H}", "--batch", str(batch),
             "--dtypes", dtype]
@@ -207,8 +207,8 @@ def run_worker(args):
     (C, H), = shapes_of(args.shapes)
     cfg, params, x = make_case(args.batch, C, H, "cpu", getattr(torch, args.dtypes))
     fwd, fwd_bwd = closures(implementations("cpu", None, other_save_policy=True)[0][args.worker], cfg, params, x)
-    if args.worker_pass == "peak":
-        return report_peak(fwd_bwd)
+    if args.worker_pass in ("peak", "peak_fwd"):
+        return report_peak(fwd_bwd if args.worker_pass == "peak" else fwd)
     run = fwd if args.worker_pass == "fwd" else fwd_bwd
     run()
     serve(run)
@@ -246,7 +246,7 @@ def measure(fn, cfg, params, x, device, args):
         budget = 4.0 if args.quick else 20.0
         return result, {"fwd": timeit(fwd, 1, 15, 3, budget), "fwd_bwd": timeit(fwd_bwd, 1, 15, 3, budget)}
     return result, {"fwd": timed(fwd, 3, args.reps), "fwd_bwd": timed(fwd_bwd, 3, args.reps),
-                    "peak_mib_fwd_bwd": peak_memory(fwd_bwd),
+                    "peak_mib_fwd_bwd": peak_memory(fwd_bwd), "peak_mib_fwd": peak_memory(fwd),
                     "kernels_fwd": cuda_kernel_count(fwd), "kernels_fwd_bwd": cuda_kernel_count(fwd_bwd)}
 
 
@@ -281,7 +281,8 @@ def bench(args):
                     print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} FAILED: {row['errors'][name]}")
                     continue
                 if shim:
-                    res["peak_mib_fwd_bwd"] = peak_mib(worker_argv(args, name, C, H, batch, row["dtype"], "peak"), shim)
+                    for key, pass_ in (("peak_mib_fwd_bwd", "peak"), ("peak_mib_fwd", "peak_fwd")):
+                        res[key] = peak_mib(worker_argv(args, name, C, H, batch, row["dtype"], pass_), shim)
                 row["impl"][name] = res
                 print(f"  {name:22s} C={C:4d} H={H:4d} {row['dtype']:9s} fwd {res['fwd']['median_ms']:9.2f} ms   "
                       f"fwd+bwd {res['fwd_bwd']['median_ms']:9.2f} ms", flush=True)
@@ -333,6 +334,9 @@ def markdown(report):
     gpu = any("kernels_fwd" in r["impl"]["fused"] for r in rows)
     if peak:
         head += " fused peak MiB | " + " | ".join(f"{b} peak MiB" for b in baselines) + " |"
+    inference = any("peak_mib_fwd" in r["impl"]["fused"] for r in rows)
+    if inference:
+        head += " fused inference peak MiB | " + " | ".join(f"{b} inference peak MiB" for b in baselines) + " |"
     if gpu:
         head += " fused kernels fwd | " + " | ".join(f"{b} kernels fwd" for b in baselines) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -349,11 +353,15 @@ def markdown(report):
         if peak:
             line += f" {other('fused', 'peak_mib_fwd_bwd', '.1f')} | " \
                 + " | ".join(other(b, "peak_mib_fwd_bwd", ".1f") for b in baselines) + " |"
+        if inference:
+            line += f" {other('fused', 'peak_mib_fwd', '.1f')} | " \
+                + " | ".join(other(b, "peak_mib_fwd", ".1f") for b in baselines) + " |"
         if gpu:
             line += f" {fu['kernels_fwd']} | " + " | ".join(other(b, "kernels_fwd") for b in baselines) + " |"
         lines.append(line)
     lines += ["", "Times: median (25th-75th percentile). Speed-up = baseline time / fused time (> 1: fused is "
-              "faster). Gradients: x and every parameter.", ""]
+              "faster). Gradients: x and every parameter. Peak MiB: above what was held before the call, the "
+              "outputs (and gradients) included; 'inference': a forward under torch.no_grad.", ""]
     if any("paired" in r for r in rows):
         lines += ["Paired speed-up, unfused_mambapy / fused (the two taking turns call by call, each in a process "
                   "of its own that keeps freed memory; median of the per-round ratios, IQR):"]
