@@ -7,12 +7,13 @@
 # lands in $OUT (JSON + Markdown + logs; only 8 files come back, so bundle the JSON in the call).
 # Knobs (seconds; 0 skips a step): T_CUDA_TESTS (150), T_BENCH (90), T_GSSM_BENCH (150), T_MEMSTAGES (30:
 # benchmarks/memory_stages_gssm.py), T_PROFILE (60),
-# T_AB_BWD (45: benchmarks/ab_scan_bwd_gpu.py), T_AB_BWD16 (45: the same at d_state 16), T_AB_L1 (45: lane vs lane_l1, channels-first), T_GRAPH (40: benchmarks/graph_gssm_gpu.py), T_CHUNK_BWD (0: the CUDA tests and the scan benchmark
+# T_AB_BWD (0; 45 when wanted: benchmarks/ab_scan_bwd_gpu.py, decided in run 21), T_AB_BWD16 (0; the same at
+# d_state 16, decided in run 25), T_AB_L1 (45: lane vs lane_l1, channels-first), T_GRAPH (40: benchmarks/graph_gssm_gpu.py), T_CHUNK_BWD (0: the CUDA tests and the scan benchmark
 # once more with GMAMBA_CUDA_SCAN_BWD=chunk, the backward's other gradient kernel, each under this limit), T_ANALYSIS (40), T_SANITIZER (40), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
 # with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
 # GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=chunk (or =lane) runs every step
 # with that gradient kernel of the scan backward (see csrc/cuda/selective_scan_cuda.cu). Each step usually ends well before its limit (run 7: 91 s in
-# all without the scan benchmark); the default limits sum to 735 s (runs 20-25 took 190-250 s in all).
+# all without the scan benchmark); the default limits sum to 645 s (runs 20-25 took 190-250 s in all).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -62,12 +63,12 @@ if [ "${T_GRAPH:-40}" != 0 ]; then
 fi
 
 step "A/B of the CUDA scan backward's gradient kernels (chunk vs lane) on gssm's scan shapes, both layouts"
-if [ "${T_AB_BWD:-45}" != 0 ]; then
-  timeout ${T_AB_BWD:-45} $PY "$REPO/benchmarks/ab_scan_bwd_gpu.py" --out "$OUT" 2>&1 | tail -12 || status=1
+if [ "${T_AB_BWD:-0}" != 0 ]; then
+  timeout ${T_AB_BWD} $PY "$REPO/benchmarks/ab_scan_bwd_gpu.py" --out "$OUT" 2>&1 | tail -12 || status=1
 fi
 step "A/B of the gradient kernels at d_state 16 (lane_backward<16>), both layouts"
-if [ "${T_AB_BWD16:-45}" != 0 ]; then
-  timeout ${T_AB_BWD16:-45} $PY "$REPO/benchmarks/ab_scan_bwd_gpu.py" --out "$OUT/ab_n16" --layouts cl,cf \
+if [ "${T_AB_BWD16:-0}" != 0 ]; then
+  timeout ${T_AB_BWD16} $PY "$REPO/benchmarks/ab_scan_bwd_gpu.py" --out "$OUT/ab_n16" --layouts cl,cf \
     --shapes 8:2048:1536:16,8:3136:1536:16,8:196:1536:16,8:49:1536:16 2>&1 | tail -12 || status=1
 fi
 
