@@ -65,10 +65,12 @@ def stages(device, C, H, dtype, batch):
     # inference first: a forward that saves nothing (as under torch.no_grad), its output dropped after
     run("inference", lambda: torch.ops.gmamba_ext.gssm_fwd(x, ps, [None], *opts, False)[0].shape)
     out, front, scan = run("forward", lambda: torch.ops.gmamba_ext.gssm_fwd(x, ps, [None], *opts, True))
+    # consume: each op frees a saved tensor once it has read it for the last time, as in a backward whose
+    # graph is not retained
     dx2, *grads_scan = run("bwd_scan", lambda: torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], ps, [None],
-                                                                                    scan, *opts))
+                                                                                    scan, *opts, True))
     del scan
-    run("bwd_front", lambda: torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, x, ps, front, *opts))
+    run("bwd_front", lambda: torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, x, ps, front, *opts, True))
     unit = batch * H * H * (C // 2) * torch.finfo(dtype).bits / 8 / MIB
     return rows, unit
 

@@ -56,14 +56,18 @@ class _GSSMFunction(torch.autograd.Function):
         if lists is None:
             raise RuntimeError("gssm: backward through the same graph a second time needs retain_graph=True "
                                "on the first backward")
-        if not torch._C._autograd._get_current_graph_task_keep_graph():
-            ctx.intermediates = None  # release with the locals below, not when the graph is freed
+        # Without a retained graph nothing reads the lists again: the ops free each saved tensor once read
+        # (consume), and the lists go with the locals below, not when the graph is freed.
+        consume = not torch._C._autograd._get_current_graph_task_keep_graph()
+        if consume:
+            ctx.intermediates = None
         front, scan = lists
         del lists
         dx2, dparams_scan, dstates = torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], params, states, scan,
-                                                                        *ctx.options)
+                                                                        *ctx.options, consume)
         del scan
-        dh, dparams_front = torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, h, params, front, *ctx.options)
+        dh, dparams_front = torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, h, params, front, *ctx.options,
+                                                                consume)
         dstates = [g if s is not None else None for g, s in zip(_absent_to_none(dstates), states)]
         return (dh, None, None, *dstates, *_absent_to_none(dparams_front), *dparams_scan)
 
@@ -142,7 +146,8 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
         return out, front, scan
 
     @torch.library.register_fake("gmamba_ext::gssm_bwd_scan")
-    def _gssm_bwd_scan_fake(dout, xz, params, initial_states, saved, H, W, variant, mask, single_dt_bias):
+    def _gssm_bwd_scan_fake(dout, xz, params, initial_states, saved, H, W, variant, mask, single_dt_bias,
+                            consume=False):
         B, L = xz.shape[0], xz.shape[1]
         d = params[1].shape[0]
         dparams = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params[_N_SHARED:]]
@@ -150,7 +155,7 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
         return xz.new_empty((B, L, d)), dparams, dstates
 
     @torch.library.register_fake("gmamba_ext::gssm_bwd_front")
-    def _gssm_bwd_front_fake(dout, dx2, x, params, saved, H, W, variant, mask, single_dt_bias):
+    def _gssm_bwd_front_fake(dout, dx2, x, params, saved, H, W, variant, mask, single_dt_bias, consume=False):
         _, fusion, fgmm, _ = _flags(variant, H, W)
         dparams = [torch.empty_like(p, memory_format=torch.contiguous_format)
                    if i < 5 or (fusion and i in _FUSION) or (fgmm and i in _FGMM) else x.new_empty((0,))

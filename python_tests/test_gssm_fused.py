@@ -197,6 +197,31 @@ def test_opcheck(variant, directions, H):
     opcheck_all(*raw_args(variant, directions, H=H, states=True))
 
 
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+@pytest.mark.parametrize("variant,directions", [("full", "bi"), ("ssm", "uni"), ("fem_ssm", "uni"),
+                                                ("dft_fgmm_ssm", "uni")])
+def test_consume_frees_what_was_read_and_changes_no_result(variant, directions, policy, monkeypatch):
+    # consume=True (what a backward without a retained graph passes) frees each saved tensor once read; the
+    # gradients are bitwise those of consume=False, which leaves the lists as they were.
+    monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
+    x, params, init, options = raw_args(variant, directions, states=True)
+    out, front, scan = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
+    dout = torch.randn_like(out)
+    copies = [[t.clone() for t in front], [t.clone() for t in scan]]
+    results = {}
+    for consume, (f, s) in ((False, (front, scan)), (True, copies)):
+        dx2, g_scan, d_init = torch.ops.gmamba_ext.gssm_bwd_scan(dout, f[0], params, init, s, *options, consume)
+        dx, g_front = torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, x, params, f, *options, consume)
+        results[consume] = [dx, *g_front, *g_scan, *d_init]
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    assert all(t.numel() > 0 for t in [front[0], *scan[:2]])  # not consumed: xz, x2, y intact
+    freed = [copies[0][0], copies[1][1]] + copies[1][4::2]  # xz, y, every direction's checkpoints
+    if variant != "ssm":
+        freed.append(copies[0][2])  # Fm
+    assert all(t.numel() == 0 for t in freed)
+
+
 def test_raw_op_errors():
     x, params, init, options = raw_args()
     with pytest.raises(ValueError, match="expected 34, 39 or 49 parameters"):

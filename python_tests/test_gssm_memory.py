@@ -55,9 +55,11 @@ def test_inference_drops_intermediates_once_read(shim, dtype):
     assert peak_in_u(shim, dtype, True, "auto") < 8
 
 
-@pytest.mark.parametrize("policy, bound", [("recompute", 17), ("keep", 21)])
+@pytest.mark.parametrize("policy, bound", [("recompute", 16), ("keep", 19)])
 def test_training_peak(shim, policy, bound):
-    # Forward + backward for x and every parameter, float32, the output and gradients included: 16.35 u and
-    # 20.35 u; 17.35 u and 21.35 u while the forward saved FGMM's conv output c (1 u) instead of recomputing it.
+    # Forward + backward for x and every parameter, float32, the output and gradients included: 15.35 u and
+    # 18.35 u; 16.35 u and 20.35 u while the backward ops held every saved tensor to their end (no consume),
+    # 17.35 u and 21.35 u while the forward also saved FGMM's conv output c (1 u) instead of recomputing it.
     assert peak_in_u(shim, "float32", False, policy) < bound
+
 

@@ -60,6 +60,8 @@ struct Layout {
   // Both false from describe(); the saving forward sets them from keeps_intermediates, the backward ops from
   // what the forward saved.
   bool keep_conv;
+  // The backward ops may free saved tensors once read (their `consume` argument): see release().
+  bool consume;
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 
   int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }
@@ -166,6 +168,13 @@ std::vector<at::Tensor> call_scan_bwd(const at::Tensor& dout, const at::Tensor& 
 // gradient is 1-D and empty, so is_absent tells them apart.
 inline at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
 inline bool is_absent(const at::Tensor& t) { return t.dim() == 1 && t.numel() == 0; }
+
+// A backward op's last read of a saved tensor: with Layout::consume its memory is freed now rather than when
+// the caller drops its list after the op (the tensor object, shared with that list, becomes empty; a view
+// taken of it keeps the memory until the view goes). Afterwards the tensor reads as absent.
+inline void release(const at::Tensor& saved, const Layout& s) {
+  if (s.consume && saved.defined()) saved.set_();
+}
 
 // Gradients [first, last) in their parameters' shapes and dtypes, `absent` where undefined.
 std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::TensorList params, size_t first,

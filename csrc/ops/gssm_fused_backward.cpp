@@ -73,11 +73,15 @@ at::Tensor fgmm_backward(const Weights& w, at::TensorList saved, const at::Tenso
   g[kGate2B] = dgl.sum(0);
   g[kFconv2W] = skinny_weight_grad(dc, hid.narrow(1, s.E4, s.d4));
   g[kFconv2B] = dc.sum(0);
-  at::Tensor dhid = at::cat({at::mm(dgl, w(kGate2W)), at::mm(dc, w(kFconv2W).reshape({d, s.d4}))}, 1);
+  at::Tensor dhid = at::empty({BL, s.E4 + s.d4}, dc.options());  // both blocks written in place: no concat
+  at::Tensor dhid_gate = dhid.narrow(1, 0, s.E4), dhid_conv = dhid.narrow(1, s.E4, s.d4);
+  at::mm_out(dhid_gate, dgl, w(kGate2W));
+  at::mm_out(dhid_conv, dc, w(kFconv2W).reshape({d, s.d4}));
   dc.reset();
   at::threshold_backward_out(dhid, dhid, hid, 0);  // relu's mask, in place
-  const at::Tensor Fm = saved[kFm].view({BL, d});
-  const at::Tensor dw_first = at::mm(dhid.t(), Fm), db_first = dhid.sum(0);
+  release(saved[kHid], s);
+  const at::Tensor dw_first = at::mm(dhid.t(), saved[kFm].view({BL, d})), db_first = dhid.sum(0);
+  release(saved[kFm], s);
   g[kGate0W] = dw_first.narrow(0, 0, s.E4).clone();  // clones: an op's outputs must not alias each other
   g[kFconv0W] = dw_first.narrow(0, s.E4, s.d4).clone();
   g[kGate0B] = db_first.narrow(0, 0, s.E4).clone();
@@ -95,7 +99,8 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
   at::Tensor dx1, dFm;
   if (s.fgmm) {
     dFm = fgmm_backward(w, saved, x1, dx2, dx1, g);
-  } else {  // fem_ssm: x2 = x1 + Fm
+  } else {  // fem_ssm: x2 = x1 + Fm (Fm itself is not read)
+    release(saved[kFm], s);
     dx1 = dx2.clone();
     dFm = dx2.view({BL, d});
   }
@@ -117,11 +122,13 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
   dFm.reset();
   at::threshold_backward_out(dpre, dpre, relu, 0);
   relu.reset();
+  release(saved[kRelu], s);
   const at::Tensor dPx = at::mm(dpre.t(), x1f), dc0 = dpre.sum(0);
   dx1.view({BL, d}).addmm_(dpre, Px);
   at::Tensor dPl;
   if (s.has_low) {
     dPl = at::mm(dpre.t(), saved[kLow].view({BL, d}));
+    release(saved[kLow], s);
     at::Tensor dlow = at::mm(dpre, Pl).view({s.B, s.L, d});
     dpre.reset();
     dx1.add_(fem_low(dlow, s));  // the low-pass map is self-adjoint
@@ -133,7 +140,7 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_backward_scan(
     const at::Tensor& dout, const at::Tensor& xz, at::TensorList params,
     const c10::List<std::optional<at::Tensor>>& states, at::TensorList saved, int64_t H, int64_t W,
-    c10::string_view variant, c10::string_view mask, bool single_dt_bias) {
+    c10::string_view variant, c10::string_view mask, bool single_dt_bias, bool consume) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   TORCH_CHECK_VALUE(xz.dim() == 3, "gssm_bwd_scan: xz must be (B, L, 2d), got shape ", xz.sizes());
@@ -142,6 +149,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
                         static_cast<int64_t>(states.size()) == s.ndir,
                     "gssm_bwd_scan: 'saved' and 'initial_states' must be what gssm_fwd was given and returned");
   s.keep_conv = !is_absent(saved[kZ1]);  // what the forward kept, whatever GMAMBA_GSSM_SAVE says now
+  s.consume = consume;
   const Weights w{params, s};
   const int64_t BL = s.B * s.L, d = s.d;
   std::vector<at::Tensor> g(params.size());
@@ -157,6 +165,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
     at::Tensor gy = g[out_i].narrow(1, 0, d), gz = g[out_i].narrow(1, d, d);
     at::mm_out(gy, go.t(), saved[kY].view({BL, d}));
     at::mm_out(gz, go.t(), z1.view({BL, d}));
+    release(saved[kY], s);  // y and z1 are read only here: not held through the scans' backward
+    release(saved[kZ1], s);
   }
   at::Tensor dy = at::mm(go, w_out.narrow(1, 0, d)).view({s.B, s.L, d});
 
@@ -167,8 +177,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
     const at::Tensor u = to_direction(saved[kX2], k, s);
     const at::Tensor xdbl = saved[kScanSaved + kSavedPerDirection * k + kXdbl];
     const ScanOperands o = scan_operands(w, k, xdbl, states);
-    std::vector<at::Tensor> r =
-        call_scan_bwd(to_direction(dy, k, s), saved[kScanSaved + kSavedPerDirection * k + kCheckpoints], u, o);
+    const at::Tensor& checkpoints = saved[kScanSaved + kSavedPerDirection * k + kCheckpoints];
+    std::vector<at::Tensor> r = call_scan_bwd(to_direction(dy, k, s), checkpoints, u, o);
+    release(checkpoints, s);
     const at::Tensor ddelta = r[1].view({BL, d});
     g[s.scan_index(k, kALog)] = r[2] * o.A;  // A = -exp(A_log)
     g[s.scan_index(k, kD)] = r[5];
@@ -189,7 +200,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
     const at::Tensor& dout, const at::Tensor& dx2, const at::Tensor& x, at::TensorList params, at::TensorList saved,
-    int64_t H, int64_t W, c10::string_view variant, c10::string_view mask, bool single_dt_bias) {
+    int64_t H, int64_t W, c10::string_view variant, c10::string_view mask, bool single_dt_bias, bool consume) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   TORCH_CHECK_VALUE(x.dim() == 4, "gssm_bwd_front: x must be (B, H, W, C), got shape ", x.sizes());
@@ -199,6 +210,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
                     "gssm_bwd_front: 'saved' must be the front list gssm_fwd returned");
   s.keep_relu = !is_absent(saved[kRelu]);  // what the forward kept, whatever GMAMBA_GSSM_SAVE says now
   s.keep_conv = !is_absent(saved[kX1]);    // (read only with a frequency stage, the one case it is saved)
+  s.consume = consume;
   const Weights w{params, s};
   const int64_t BL = s.B * s.L, d = s.d;
   std::vector<at::Tensor> g(params.size());
@@ -211,11 +223,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
   if (s.fem) x1 = s.keep_conv ? saved[kX1] : std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b));
   at::Tensor dx1 = frequency_backward(w, saved, x1, dx2, g);
   x1.reset();
+  release(saved[kX1], s);
 
   // 1-2. conv + SiLU (dz1 = dout Wz, from out = y Wy^T + z1 Wz^T), in_proj
   const at::Tensor go = as_dtype(dout.reshape({BL, s.C}), s.dt);
   at::Tensor dz1 = at::mm(go, w(s.out_proj_index()).narrow(1, d, d)).view({s.B, s.L, d});
   const auto [dxz, dconv_w, dconv_b] = call_conv_silu_bwd(dx1.contiguous(), dz1, xz, conv_w, conv_b);
+  release(xz, s);
   dx1.reset();
   dz1.reset();
   g[kConvXW] = dconv_w.narrow(0, 0, d).clone();

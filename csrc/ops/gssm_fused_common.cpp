@@ -49,6 +49,7 @@ Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::Ten
   s.corner = m == "corner";
   s.single_dt_bias = single_dt_bias;
   s.keep_relu = s.keep_conv = false;  // set by the forward when it saves, and by the backward from what it saved
+  s.consume = false;                  // set by the backward ops from their argument
   s.dt = dt;
   s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,

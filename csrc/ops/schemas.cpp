@@ -34,13 +34,16 @@ TORCH_LIBRARY(gmamba_ext, m) {
   // is gssm_bwd_scan (-> dx2, the gradients of the parameters from the first scan direction's on, of the
   // initial states) then gssm_bwd_front (-> dx, the gradients of the parameters before those); an empty 1-D
   // tensor marks an absent gradient (a parameter the variant does not use, an initial state not given).
+  // consume: the caller will not read `saved` again (no retained graph), so each saved tensor's memory is
+  // released once the op has read it for the last time (the tensor becomes empty): what is dead does not
+  // count toward the peak. With consume false (the default) `saved` is left as it was.
   m.def(
       "gssm_fwd(Tensor x, Tensor[] params, Tensor?[] initial_states, int H, int W, str variant, str mask, "
       "bool single_dt_bias, bool save) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "gssm_bwd_scan(Tensor dout, Tensor xz, Tensor[] params, Tensor?[] initial_states, Tensor[] saved, int H, "
-      "int W, str variant, str mask, bool single_dt_bias) -> (Tensor, Tensor[], Tensor[])");
+      "int W, str variant, str mask, bool single_dt_bias, bool consume=False) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "gssm_bwd_front(Tensor dout, Tensor dx2, Tensor x, Tensor[] params, Tensor[] saved, int H, int W, "
-      "str variant, str mask, bool single_dt_bias) -> (Tensor, Tensor[])");
+      "str variant, str mask, bool single_dt_bias, bool consume=False) -> (Tensor, Tensor[])");
 }
