@@ -5,15 +5,15 @@
 # gssm vs the unfused composition), a profile of gssm, the analysis CLI, a memory check of the kernels,
 # optionally the CPU tests and an Nsight Compute profile of the scan; everything it prints and measures
 # lands in $OUT (JSON + Markdown + logs; only 8 files come back, so bundle the JSON in the call).
-# Knobs (seconds; 0 skips a step): T_CUDA_TESTS (150), T_BENCH (90), T_GSSM_BENCH (150), T_MEMSTAGES (30:
-# benchmarks/memory_stages_gssm.py), T_PROFILE (60),
+# Knobs (seconds; 0 skips a step): T_CUDA_TESTS (150), T_BENCH (90), T_GSSM_BENCH (150), T_MEMSTAGES (45:
+# benchmarks/memory_stages_gssm.py --trail), T_PROFILE (60),
 # T_AB_BWD (0; 45 when wanted: benchmarks/ab_scan_bwd_gpu.py, decided in run 21), T_AB_BWD16 (0; the same at
 # d_state 16, decided in run 25), T_AB_L1 (45: lane vs lane_l1, channels-first), T_GRAPH (40: benchmarks/graph_gssm_gpu.py), T_CHUNK_BWD (0: the CUDA tests and the scan benchmark
 # once more with GMAMBA_CUDA_SCAN_BWD=chunk, the backward's other gradient kernel, each under this limit), T_ANALYSIS (40), T_SANITIZER (40), T_CPU_TESTS (0: the CPU suite on torch 2.11 also runs on our machines
 # with /work/venvs/gpu312), T_NCU (0); BENCH_ARGS (e.g. --quick) and PLOT=0 (no PNG) for bench_scan_gpu.py,
 # GSSM_ARGS / GSSM_DTYPES for bench_gssm.py. Exporting GMAMBA_CUDA_SCAN_BWD=chunk (or =lane) runs every step
 # with that gradient kernel of the scan backward (see csrc/cuda/selective_scan_cuda.cu). Each step usually ends well before its limit (run 7: 91 s in
-# all without the scan benchmark); the default limits sum to 645 s (runs 20-25 took 190-250 s in all).
+# all without the scan benchmark); the default limits sum to 660 s (runs 20-25 took 190-250 s in all).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/out/device}
@@ -50,10 +50,10 @@ if [ "${T_GSSM_BENCH:-150}" != 0 ]; then
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 
-step "gssm memory by stage (forward, bwd_scan, bwd_front; recompute and keep): where the peak is"
-if [ "${T_MEMSTAGES:-30}" != 0 ]; then
-  timeout ${T_MEMSTAGES:-30} $PY "$REPO/benchmarks/memory_stages_gssm.py" --device cuda --out "$OUT" \
-    --dtypes float32,bfloat16 2>&1 | tail -20 || status=1
+step "gssm memory by stage (forward, bwd_scan, bwd_front; recompute and keep): where the peak is, and which ops made it"
+if [ "${T_MEMSTAGES:-45}" != 0 ]; then
+  timeout ${T_MEMSTAGES:-45} $PY "$REPO/benchmarks/memory_stages_gssm.py" --device cuda --out "$OUT" \
+    --dtypes float32,bfloat16 --trail 10 2>&1 | grep -v "^ " | tail -20 || status=1
 fi
 
 step "gssm forward + backward eagerly and replayed from a CUDA graph (fused vs the unfused composition)"

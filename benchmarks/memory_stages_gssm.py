@@ -6,6 +6,10 @@ GPU from torch.cuda's allocator; on the CPU through cpu_peak_memory.py's countin
 there as `python benchmarks/memory_stages_gssm.py --device cpu` (it re-runs itself with the allocator).
 
     python benchmarks/memory_stages_gssm.py --device cuda [--shapes 96x128,768x16] [--dtypes float32,bfloat16]
+                                            [--trail N]
+
+--trail N adds, per stage with the recompute policy, the N largest allocations and frees before the stage's
+peak and the op each happened in (memory_trail.py): what to free earlier.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gssm import make_case, shapes_of  # noqa: E402
 from cpu_peak_memory import build_shim, counter  # noqa: E402
+from memory_trail import trail  # noqa: E402
 from gmamba_ext.gssm_fused import _param_fields  # noqa: E402
 
 MIB = 2**20
@@ -47,16 +52,23 @@ class Meter:
         return self.cpu_peak()
 
 
-def stages(device, C, H, dtype, batch):
-    """[(stage, held before, peak, left after)] in MiB above the start, for one forward + backward."""
+def stages(device, C, H, dtype, batch, trail_events=0):
+    """[(stage, held before, peak, left after)] in MiB above the start, for one forward + backward; with
+    trail_events, instead [(stage, lines)]: memory_trail's account of what made each stage's peak (a
+    separate pass: the profiler's own allocations would skew the CPU meter)."""
     cfg, params, x = make_case(batch, C, H, device, dtype)
     ps = [getattr(params, n) for n in _param_fields(1)]
     opts = (H, H, "full", "corner", False)
     meter, rows = Meter(device), []
     dout = torch.randn(batch, H * H, C, device=device, dtype=dtype)
     start = meter.reset()
+    unit = batch * H * H * (C // 2) * torch.finfo(dtype).bits / 8
 
     def run(name, fn):
+        if trail_events:
+            result, lines = trail(fn, device, unit, trail_events)
+            rows.append((name, lines))
+            return result
         before = meter.reset()
         result = fn()
         rows.append((name, (before - start) / MIB, (meter.peak() - start) / MIB, (meter.reset() - start) / MIB))
@@ -71,8 +83,7 @@ def stages(device, C, H, dtype, batch):
                                                                                     scan, *opts, True))
     del scan
     run("bwd_front", lambda: torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, x, ps, front, *opts, True))
-    unit = batch * H * H * (C // 2) * torch.finfo(dtype).bits / 8 / MIB
-    return rows, unit
+    return rows, unit / MIB
 
 
 def main():
@@ -82,6 +93,9 @@ def main():
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--batch", type=int, default=None, help="default: 8 on the GPU, 2 on the CPU")
     parser.add_argument("--out", default=None, help="folder for memory_stages_<device>.md")
+    parser.add_argument("--trail", type=int, default=0, metavar="N",
+                        help="also list, per stage with the recompute policy, the N largest allocations and "
+                             "frees before its peak and the ops they happened in (memory_trail.py)")
     args = parser.parse_args()
     if args.device == "cpu" and "cpu_peak_alloc" not in os.environ.get("LD_PRELOAD", ""):
         shim, why = build_shim(tempfile.mkdtemp(prefix="gssm_mem_"))
@@ -104,6 +118,11 @@ def main():
                              f"{train / unit:.1f} u (u = {unit:.2f} MiB); inference (forward saving nothing) "
                              f"peak {inference:.1f} MiB = {inference / unit:.1f} u")
                 print(lines[-1], flush=True)
+                if args.trail and policy == "recompute":
+                    for stage, trail_lines in stages(args.device, C, H, dtype, batch, args.trail)[0]:
+                        block = [f"  - {stage}: " + trail_lines[0]] + ["    " + t for t in trail_lines[1:]]
+                        lines += block
+                        print("\n".join(block), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"memory_stages_{args.device}.md"), "w") as f:

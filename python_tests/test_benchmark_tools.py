@@ -38,3 +38,20 @@ def test_a_failing_worker_is_reported(tmp_path):
     shim, _ = build_shim(str(tmp_path))
     with pytest.raises(RuntimeError, match="peak-memory worker failed"):
         peak_mib([sys.executable, "-c", "raise SystemExit('no')"], shim)
+
+
+def test_memory_trail_finds_the_peak_and_its_op():
+    import torch
+    from memory_trail import trail
+
+    def run():
+        first = torch.empty(2**20 // 4)           # 1 MiB
+        second = torch.ones(2 * 2**20 // 4)       # 2 MiB: the peak, 3 MiB
+        del first
+        third = torch.zeros(2**20 // 4)           # 1 MiB after 1 MiB was freed: below the peak
+        return second, third
+
+    _, lines = trail(run, "cpu", 2**20, events=4)
+    assert lines[0].startswith("peak 3.00 u"), lines
+    peak_line = next(line for line in lines if line.endswith("<- peak"))
+    assert "aten::ones" in peak_line and "+2.00" in peak_line, lines
