@@ -79,7 +79,7 @@ def stages(device, C, H, dtype, batch, trail_events=0):
     out, front, scan = run("forward", lambda: torch.ops.gmamba_ext.gssm_fwd(x, ps, [None], *opts, True))
     # consume: each op frees a saved tensor once it has read it for the last time, as in a backward whose
     # graph is not retained
-    dx2, *grads_scan = run("bwd_scan", lambda: torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], ps, [None],
+    dx2, *grads_scan = run("bwd_scan", lambda: torch.ops.gmamba_ext.gssm_bwd_scan(dout, x, ps, [None],
                                                                                     scan, *opts, True))
     del scan
     run("bwd_front", lambda: torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, x, ps, front, *opts, True))

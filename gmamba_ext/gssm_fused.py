@@ -63,7 +63,7 @@ class _GSSMFunction(torch.autograd.Function):
             ctx.intermediates = None
         front, scan = lists
         del lists
-        dx2, dparams_scan, dstates = torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], params, states, scan,
+        dx2, dparams_scan, dstates = torch.ops.gmamba_ext.gssm_bwd_scan(dout, h, params, states, scan,
                                                                         *ctx.options, consume)
         del scan
         dh, dparams_front = torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, h, params, front, *ctx.options,
@@ -133,7 +133,7 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
         if not save:
             return out, [], []
         keep = keeps_intermediates(x.device)
-        front = [x.new_empty((B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
+        front = [maybe(keep, (B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
                  maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)),
                  maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
                  maybe(fusion and keep, (B * L, 2 * d)),  # relu(pre)
@@ -146,13 +146,13 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
         return out, front, scan
 
     @torch.library.register_fake("gmamba_ext::gssm_bwd_scan")
-    def _gssm_bwd_scan_fake(dout, xz, params, initial_states, saved, H, W, variant, mask, single_dt_bias,
+    def _gssm_bwd_scan_fake(dout, x, params, initial_states, saved, H, W, variant, mask, single_dt_bias,
                             consume=False):
-        B, L = xz.shape[0], xz.shape[1]
+        B, L = x.shape[0], x.shape[1] * x.shape[2]
         d = params[1].shape[0]
         dparams = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params[_N_SHARED:]]
-        dstates = [xz.new_empty((0,)) if s is None else torch.empty_like(s) for s in initial_states]
-        return xz.new_empty((B, L, d)), dparams, dstates
+        dstates = [x.new_empty((0,)) if s is None else torch.empty_like(s) for s in initial_states]
+        return x.new_empty((B, L, d)), dparams, dstates
 
     @torch.library.register_fake("gmamba_ext::gssm_bwd_front")
     def _gssm_bwd_front_fake(dout, dx2, x, params, saved, H, W, variant, mask, single_dt_bias, consume=False):

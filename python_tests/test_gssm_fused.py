@@ -186,8 +186,8 @@ def opcheck_all(x, params, init, options):
     torch.library.opcheck(torch.ops.gmamba_ext.gssm_fwd.default, (x, params, init, *options, True))
     out, front, scan = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
     dout = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd_scan.default, (dout, front[0], params, init, scan, *options))
-    dx2 = torch.ops.gmamba_ext.gssm_bwd_scan(dout, front[0], params, init, scan, *options)[0]
+    torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd_scan.default, (dout, x, params, init, scan, *options))
+    dx2 = torch.ops.gmamba_ext.gssm_bwd_scan(dout, x, params, init, scan, *options)[0]
     torch.library.opcheck(torch.ops.gmamba_ext.gssm_bwd_front.default, (dout, dx2, x, params, front, *options))
 
 
@@ -210,13 +210,14 @@ def test_consume_frees_what_was_read_and_changes_no_result(variant, directions, 
     copies = [[t.clone() for t in front], [t.clone() for t in scan]]
     results = {}
     for consume, (f, s) in ((False, (front, scan)), (True, copies)):
-        dx2, g_scan, d_init = torch.ops.gmamba_ext.gssm_bwd_scan(dout, f[0], params, init, s, *options, consume)
+        dx2, g_scan, d_init = torch.ops.gmamba_ext.gssm_bwd_scan(dout, x, params, init, s, *options, consume)
         dx, g_front = torch.ops.gmamba_ext.gssm_bwd_front(dout, dx2, x, params, f, *options, consume)
         results[consume] = [dx, *g_front, *g_scan, *d_init]
     for a, b in zip(results[False], results[True]):
         assert torch.equal(a, b)
-    assert all(t.numel() > 0 for t in [front[0], *scan[:2]])  # not consumed: xz, x2, y intact
-    freed = [copies[0][0], copies[1][1]] + copies[1][4::2]  # xz, y, every direction's checkpoints
+    keep = policy == "keep"  # xz (front[0]) is saved only then
+    assert all(t.numel() > 0 for t in [front[0]] * keep + scan[:2])  # not consumed: xz, x2, y intact
+    freed = [copies[0][0]] * keep + [copies[1][1]] + copies[1][4::2]  # xz, y, every direction's checkpoints
     if variant != "ssm":
         freed.append(copies[0][2])  # Fm
     assert all(t.numel() == 0 for t in freed)
@@ -238,7 +239,7 @@ def test_raw_op_errors():
         torch.ops.gmamba_ext.gssm_fwd(x[..., :8], params, init, *options, False)
     out, front, scan = torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)
     with pytest.raises(ValueError, match="'saved' and 'initial_states' must be"):
-        torch.ops.gmamba_ext.gssm_bwd_scan(out, front[0], params, init, scan[:-1], *options)
+        torch.ops.gmamba_ext.gssm_bwd_scan(out, x, params, init, scan[:-1], *options)
     with pytest.raises(ValueError, match="'saved' must be the front list"):
         torch.ops.gmamba_ext.gssm_bwd_front(out, x[..., :8].reshape(out.shape[0], -1, 8), x, params, front[:-1],
                                             *options)
@@ -267,7 +268,7 @@ def saved_values(lists):
 
 
 @pytest.mark.parametrize("variant", ["full", "ssm", "fem_ssm", "dft_fgmm_ssm"])
-def test_recompute_saves_x1_z1_and_relu_less(variant, monkeypatch):
+def test_recompute_saves_xz_x1_z1_and_relu_less(variant, monkeypatch):
     x, params, init, options = raw_args(variant)
     B, H, W, _ = x.shape
     d = params[1].shape[0]
@@ -275,9 +276,9 @@ def test_recompute_saves_x1_z1_and_relu_less(variant, monkeypatch):
     for policy in ("keep", "recompute", "auto"):
         monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
         sizes[policy] = saved_values(torch.ops.gmamba_ext.gssm_fwd(x, params, init, *options, True)[1:])
-    # x1 only with a frequency stage, relu(pre) (B L x 2d) only with the fusion layer
+    # xz (B L x 2d) and z1 always, x1 only with a frequency stage, relu(pre) (B L x 2d) only with the fusion layer
     fem, fusion = variant != "ssm", variant in ("full", "fem_ssm")
-    assert sizes["keep"] - sizes["recompute"] == B * H * W * d * (1 + fem + 2 * fusion)
+    assert sizes["keep"] - sizes["recompute"] == B * H * W * d * (3 + fem + 2 * fusion)
     assert sizes["auto"] == sizes["keep"]  # on the CPU
 
 

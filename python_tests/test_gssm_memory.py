@@ -11,6 +11,11 @@ import pytest
 
 from gmamba_ext.ops import HAS_EXTENSION
 
+try:
+    from gmamba_ext._build_info import SANITIZE
+except ImportError:  # a source tree without a build
+    SANITIZE = None
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
 from cpu_peak_memory import build_shim, peak_mib  # noqa: E402
@@ -19,6 +24,8 @@ pytestmark = [
     pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled extension is not built"),
     pytest.mark.skipif(platform.system() != "Linux" or not (shutil.which("cc") or shutil.which("gcc")),
                        reason="the counting allocator needs glibc and a C compiler"),
+    pytest.mark.skipif(bool(SANITIZE),
+                       reason="a sanitized build: ASan owns malloc, the counting allocator cannot be preloaded"),
 ]
 
 # B = 2, C = 64, H = W = 64: d = 32, u = 1 MiB in float32; the parameters' gradients are ~0.1 MiB.
@@ -55,11 +62,13 @@ def test_inference_drops_intermediates_once_read(shim, dtype):
     assert peak_in_u(shim, dtype, True, "auto") < 8
 
 
-@pytest.mark.parametrize("policy, bound", [("recompute", 16), ("keep", 19)])
+@pytest.mark.parametrize("policy, bound", [("recompute", 14), ("keep", 19)])
 def test_training_peak(shim, policy, bound):
-    # Forward + backward for x and every parameter, float32, the output and gradients included: 15.35 u and
-    # 18.35 u; 16.35 u and 20.35 u while the backward ops held every saved tensor to their end (no consume),
-    # 17.35 u and 21.35 u while the forward also saved FGMM's conv output c (1 u) instead of recomputing it.
+    # Forward + backward for x and every parameter, float32, the output and gradients included: 13.35 u and
+    # 18.35 u; recompute took 15.35 u while it saved in_proj's output xz (2 u), both 16.35 u and 20.35 u while
+    # the backward ops held every saved tensor to their end (no consume), 17.35 u and 21.35 u while the
+    # forward also saved FGMM's conv output c (1 u) instead of recomputing it.
     assert peak_in_u(shim, "float32", False, policy) < bound
+
 
 

@@ -29,7 +29,8 @@ enum Param : int {
 enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 
 // What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
-// `front` for the stages before the scan (kLow and the folded weights kPx, kPl, kC0 only with the fusion
+// `front` for the stages before the scan (kXz, in_proj's output, only with Layout::keep_conv: otherwise the
+// backward recomputes it from x; kLow and the folded weights kPx, kPl, kC0 only with the fusion
 // layer; kRelu, relu(pre), only with it and Layout::keep_relu; kX1 only with Layout::keep_conv and a
 // frequency stage; FGMM's conv output c is recomputed from kHid, one small GEMM, rather than held through the
 // scan's backward), `scan` for the scans and out_proj (kScanSaved, then kSavedPerDirection per direction;
@@ -54,9 +55,9 @@ struct Layout {
   // CPU, where the GEMMs are most of the time (about 10 % of a forward + backward at C = 768) and no memory
   // target applies; CUDA recomputes it (2 B L d values less at the peak: the <= 0.5x memory target).
   bool keep_relu;
-  // Keep x1 and z1 (conv + SiLU's outputs) from the forward rather than recompute them in each backward op
-  // (two conv_silu passes, about 4 % of a CPU forward + backward at C = 96): by default on the CPU, for the
-  // same reason; CUDA recomputes them (the memory target).
+  // Keep xz (in_proj's output), x1 and z1 (conv + SiLU's outputs) from the forward rather than recompute
+  // them in the backward ops (three in_proj GEMMs and two conv_silu passes): by default on the CPU, for the
+  // same reason; CUDA recomputes them (the memory target: 4 u fewer held).
   // Both false from describe(); the saving forward sets them from keeps_intermediates, the backward ops from
   // what the forward saved.
   bool keep_conv;
@@ -136,6 +137,10 @@ std::pair<at::Tensor, at::Tensor> conv_weights(const Weights& w);
 
 // FGMM's small weights as fgmm_fwd / fgmm_bwd take them: w1 (d/4, d), b1, w2 (2, d/4), b2, ratio ().
 std::vector<at::Tensor> fgmm_weights(const Weights& w);
+
+// in_proj: xz = x W_in^T, (B, L, 2d), from x (B, H, W, C). The backward recomputes it from x where the forward
+// did not keep xz (Layout::keep_conv false).
+at::Tensor in_proj(const at::Tensor& x, const Weights& w);
 
 // FGMM's conv output c = hid_c Wc2^T + bc2 (B, L, d) from the stacked gate / FGMM hidden layer hid (B L, E/4 +
 // d/4). The forward does not save c: the backward recomputes it here, bitwise as the forward made it.

@@ -1,9 +1,9 @@
 // The gradient of gssm_fwd for x, every parameter and the initial scan states, written out stage by stage in
 // reverse (each step's formula beside it), as two ops: gssm_bwd_scan (out_proj and the scans) then
 // gssm_bwd_front (FGMM, the gate, FEM, conv, in_proj), so that the caller frees the scan's saved tensors
-// between them. Recomputed rather than saved: by default on CUDA (Layout::keep_conv, keep_relu) x1 and z1
-// (one conv_silu pass each op) and the fusion layer's relu(pre) (two GEMMs); each direction's delta (one
-// GEMM). Intermediates are released as soon as they are consumed, and masks are applied in place: peak
+// between them. Recomputed rather than saved: by default on CUDA (Layout::keep_conv, keep_relu) xz, x1 and z1
+// (three in_proj GEMMs, two conv_silu passes) and the fusion layer's relu(pre) (two GEMMs); always,
+// FGMM's conv output (one small GEMM) and each direction's delta (one GEMM). Intermediates are released as soon as they are consumed, and masks are applied in place: peak
 // memory is the point of these details.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -138,13 +138,14 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_backward_scan(
-    const at::Tensor& dout, const at::Tensor& xz, at::TensorList params,
+    const at::Tensor& dout, const at::Tensor& x, at::TensorList params,
     const c10::List<std::optional<at::Tensor>>& states, at::TensorList saved, int64_t H, int64_t W,
     c10::string_view variant, c10::string_view mask, bool single_dt_bias, bool consume) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
-  TORCH_CHECK_VALUE(xz.dim() == 3, "gssm_bwd_scan: xz must be (B, L, 2d), got shape ", xz.sizes());
-  Layout s = describe(xz.size(0), xz.scalar_type(), xz.device(), params, H, W, variant, mask, single_dt_bias);
+  TORCH_CHECK_VALUE(x.dim() == 4, "gssm_bwd_scan: x must be (B, H, W, C), got shape ", x.sizes());
+  Layout s = describe(x.size(0), x.scalar_type(), x.device(), params, H, W, variant, mask, single_dt_bias);
+  check_tokens(x, s, "x");
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == kScanSaved + kSavedPerDirection * s.ndir &&
                         static_cast<int64_t>(states.size()) == s.ndir,
                     "gssm_bwd_scan: 'saved' and 'initial_states' must be what gssm_fwd was given and returned");
@@ -160,7 +161,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
   const at::Tensor w_out = w(out_i);
   {
     const auto [conv_w, conv_b] = conv_weights(w);
-    const at::Tensor z1 = s.keep_conv ? saved[kZ1] : std::get<1>(call_conv_silu_fwd(xz, conv_w, conv_b));
+    const at::Tensor z1 = s.keep_conv ? saved[kZ1] : std::get<1>(call_conv_silu_fwd(in_proj(x, w), conv_w, conv_b));
     g[out_i] = at::empty({s.C, 2 * d}, go.options());  // both halves written in place: no (C, d) temporaries
     at::Tensor gy = g[out_i].narrow(1, 0, d), gz = g[out_i].narrow(1, d, d);
     at::mm_out(gy, go.t(), saved[kY].view({BL, d}));
@@ -193,9 +194,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_ba
     const at::Tensor du = r[0].view({BL, d}).addmm_(dxdbl, w(s.scan_index(k, kXProj))).view({s.B, s.L, d});
     const at::Tensor du_raster = from_direction(du, k, s);
     dx2 = dx2.defined() ? dx2.add_(du_raster) : du_raster;
-    dstates.push_back(o.initial_state.has_value() ? as_dtype(r[8], states.get(k)->scalar_type()) : absent(xz));
+    dstates.push_back(o.initial_state.has_value() ? as_dtype(r[8], states.get(k)->scalar_type()) : absent(x));
   }
-  return {dx2, finish_grads(g, params, kNumShared, params.size(), xz), dstates};
+  return {dx2, finish_grads(g, params, kNumShared, params.size(), x), dstates};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
@@ -209,18 +210,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == kNumFront,
                     "gssm_bwd_front: 'saved' must be the front list gssm_fwd returned");
   s.keep_relu = !is_absent(saved[kRelu]);  // what the forward kept, whatever GMAMBA_GSSM_SAVE says now
-  s.keep_conv = !is_absent(saved[kX1]);    // (read only with a frequency stage, the one case it is saved)
+  s.keep_conv = !is_absent(saved[kXz]);
   s.consume = consume;
   const Weights w{params, s};
   const int64_t BL = s.B * s.L, d = s.d;
   std::vector<at::Tensor> g(params.size());
-  const at::Tensor xz = saved[kXz];
   const auto [conv_w, conv_b] = conv_weights(w);
 
-  // 3-6. FGMM, gate, FEM (x1 saved or recomputed, z1 dropped here, not kept alive by the
+  // 3-6. FGMM, gate, FEM (x1 saved or recomputed, z1 and a recomputed xz dropped here, not kept alive by the
   // call's temporaries; without a frequency stage x1 is not read)
   at::Tensor x1;
-  if (s.fem) x1 = s.keep_conv ? saved[kX1] : std::get<0>(call_conv_silu_fwd(xz, conv_w, conv_b));
+  if (s.fem) x1 = s.keep_conv ? saved[kX1] : std::get<0>(call_conv_silu_fwd(in_proj(x, w), conv_w, conv_b));
   at::Tensor dx1 = frequency_backward(w, saved, x1, dx2, g);
   x1.reset();
   release(saved[kX1], s);
@@ -228,8 +228,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gssm_backward_front(
   // 1-2. conv + SiLU (dz1 = dout Wz, from out = y Wy^T + z1 Wz^T), in_proj
   const at::Tensor go = as_dtype(dout.reshape({BL, s.C}), s.dt);
   at::Tensor dz1 = at::mm(go, w(s.out_proj_index()).narrow(1, d, d)).view({s.B, s.L, d});
-  const auto [dxz, dconv_w, dconv_b] = call_conv_silu_bwd(dx1.contiguous(), dz1, xz, conv_w, conv_b);
-  release(xz, s);
+  // xz recomputed a second time rather than held through FEM and FGMM's backward: 2 u off that peak
+  const auto [dxz, dconv_w, dconv_b] = call_conv_silu_bwd(
+      dx1.contiguous(), dz1, s.keep_conv ? saved[kXz] : in_proj(x, w), conv_w, conv_b);
+  release(saved[kXz], s);
   dx1.reset();
   dz1.reset();
   g[kConvXW] = dconv_w.narrow(0, 0, d).clone();

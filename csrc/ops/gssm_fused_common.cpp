@@ -121,6 +121,11 @@ std::vector<at::Tensor> fgmm_weights(const Weights& w) {
           w.acc(kAdapt3B), w.acc(kRatio).reshape({})};
 }
 
+at::Tensor in_proj(const at::Tensor& x, const Weights& w) {
+  const Layout& s = w.s;
+  return at::mm(x.reshape({s.B * s.L, s.C}), w(kInProj).t()).view({s.B, s.L, 2 * s.d});
+}
+
 at::Tensor fgmm_conv(const Weights& w, const at::Tensor& hid) {
   const Layout& s = w.s;
   return at::addmm(w(kFconv2B), hid.narrow(1, s.E4, s.d4), w(kFconv2W).reshape({s.d, s.d4}).t())

@@ -86,10 +86,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
   const int64_t BL = s.B * s.L, d = s.d;
 
   // 1-2. in_proj, then conv + SiLU of both halves in one pass
-  at::Tensor xz = at::mm(x.reshape({BL, s.C}), w(kInProj).t()).view({s.B, s.L, 2 * d});
+  at::Tensor xz = in_proj(x, w);
   const auto [conv_w, conv_b] = conv_weights(w);
   auto [x1, z1] = call_conv_silu_fwd(xz, conv_w, conv_b);
-  if (!save) xz.reset();
+  if (!(save && s.keep_conv)) xz.reset();  // otherwise the backward recomputes it from x
 
   // 3-6. FEM, FGMM and the global gate (x1 is kept only for a backward that does not recompute it)
   Frequency f = frequency_stages(w, x1, save);

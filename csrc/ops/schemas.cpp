@@ -41,7 +41,7 @@ TORCH_LIBRARY(gmamba_ext, m) {
       "gssm_fwd(Tensor x, Tensor[] params, Tensor?[] initial_states, int H, int W, str variant, str mask, "
       "bool single_dt_bias, bool save) -> (Tensor, Tensor[], Tensor[])");
   m.def(
-      "gssm_bwd_scan(Tensor dout, Tensor xz, Tensor[] params, Tensor?[] initial_states, Tensor[] saved, int H, "
+      "gssm_bwd_scan(Tensor dout, Tensor x, Tensor[] params, Tensor?[] initial_states, Tensor[] saved, int H, "
       "int W, str variant, str mask, bool single_dt_bias, bool consume=False) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "gssm_bwd_front(Tensor dout, Tensor dx2, Tensor x, Tensor[] params, Tensor[] saved, int H, int W, "
