@@ -5,7 +5,7 @@ CUDA selective_scan_fn on GPU. A second column plugs gmamba_ext's own scan into 
 separate the gain of the fusion from the gain of the scan; a third (fused_composition) runs gssm's own
 kernels and algebra orchestrated from Python, to separate the gain of the C++ orchestration. With
 --other-save-policy, fused_recompute (CPU) or fused_keep (GPU) is the fused path with the device's other
-GMAMBA_GSSM_SAVE policy: what keeping x1, z1 and relu(pre) for the backward costs in memory and saves in time.
+GMAMBA_GSSM_SAVE policy: what keeping xz, x1, z1 and relu(pre) for the backward costs in memory and saves in time.
 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
 ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; peak memory of forward+backward and
@@ -90,7 +90,7 @@ def implementations(device, mamba_path, other_save_policy=False):
     impls = {"fused": lambda x, p, cfg: gmamba_ext.gssm(x, p),
              "fused_composition": lambda x, p, cfg: gssm_composition(x, p)}
     if other_save_policy:
-        # The fused path with the device's other save policy (the default keeps x1, z1 and relu(pre) on the
+        # The fused path with the device's other save policy (the default keeps xz, x1, z1 and relu(pre) on the
         # CPU and recomputes them on a GPU): its time and peak memory against the default's.
         other = "recompute" if device == "cpu" else "keep"
         impls[f"fused_{other}"] = with_save_policy(other, impls["fused"])

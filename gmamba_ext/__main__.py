@@ -39,7 +39,7 @@ def main():
         print(f"CPU kernels: {threads}" + (f"; scan vectors of {lanes} channels" if lanes else ""))
         if getattr(info, "SANITIZE", None):
             print(f"built with -fsanitize={info.SANITIZE}: import with the sanitizer runtimes preloaded (README)")
-    print(f"gssm keeps x1, z1, relu(pre) for the backward: {_save_policy()}")
+    print(f"gssm keeps xz, x1, z1, relu(pre) for the backward: {_save_policy()}")
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

@@ -100,7 +100,7 @@ def _sizes(params, H, W):
 
 
 def keeps_intermediates(device: torch.device) -> bool:
-    """Whether gssm's forward keeps x1, z1 and relu(pre) for the backward on `device` (else the backward
+    """Whether gssm's forward keeps xz, x1, z1 and relu(pre) for the backward on `device` (else the backward
     recomputes them: less memory, more time). GMAMBA_GSSM_SAVE: "auto" (or unset) keeps them on the CPU
     and recomputes them on GPUs; "keep" or "recompute" everywhere. Read by every forward call; the backward
     follows what its forward kept. The C++ ops read it the same way (csrc/ops/gssm_fused.h)."""

@@ -37,7 +37,7 @@ def test_python_m_gmamba_ext_reports_the_save_policy(capsys, monkeypatch):
         else:
             monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
         main()
-        assert f"gssm keeps x1, z1, relu(pre) for the backward: {line}" in capsys.readouterr().out
+        assert f"gssm keeps xz, x1, z1, relu(pre) for the backward: {line}" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not gmamba_ext.HAS_EXTENSION, reason="no compiled extension")

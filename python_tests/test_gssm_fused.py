@@ -3,7 +3,7 @@ composition of the same kernels (gssm_composition, itself checked against gssm_r
 and every gradient in float64 over variants, masks, directions, initial states and layouts; opcheck of both
 raw ops; the routes that must fall back to the composition (functorch, composition_only); autocast around
 the backward; inference without saving; errors of the raw ops; both GMAMBA_GSSM_SAVE policies (keep or
-recompute x1, z1 and relu(pre)) on the CPU, so the branch CUDA takes by default is tested without a GPU."""
+recompute xz, x1, z1 and relu(pre)) on the CPU, so the branch CUDA takes by default is tested without a GPU."""
 import itertools
 
 import pytest
@@ -245,7 +245,7 @@ def test_raw_op_errors():
                                             *options)
 
 
-# GMAMBA_GSSM_SAVE: by default the CPU keeps x1, z1 and relu(pre) for the backward and CUDA recomputes them.
+# GMAMBA_GSSM_SAVE: by default the CPU keeps xz, x1, z1 and relu(pre) for the backward and CUDA recomputes them.
 # Both branches run on the CPU here, so the recompute branch is tested without a GPU.
 @pytest.mark.parametrize("variant,directions", [("full", "uni"), ("full", "bi"), ("ssm", "uni"),
                                                 ("fem_ssm", "bi"), ("dft_fgmm_ssm", "uni")])

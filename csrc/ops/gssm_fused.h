@@ -69,7 +69,7 @@ struct Layout {
   int out_proj_index() const { return kNumShared + kPerDirection * static_cast<int>(ndir); }
 };
 
-// Whether the forward keeps relu(pre), x1 and z1 for the backward (Layout::keep_relu, keep_conv) on
+// Whether the forward keeps relu(pre), xz, x1 and z1 for the backward (Layout::keep_relu, keep_conv) on
 // `device`: GMAMBA_GSSM_SAVE=auto (or unset: on the CPU only), keep, or recompute; read per forward call.
 bool keeps_intermediates(const c10::Device& device);
 
