@@ -2,9 +2,10 @@
 // reverse (each step's formula beside it), as two ops: gssm_bwd_scan (out_proj and the scans) then
 // gssm_bwd_front (FGMM, the gate, FEM, conv, in_proj), so that the caller frees the scan's saved tensors
 // between them. Recomputed rather than saved: by default on CUDA (Layout::keep_conv, keep_relu) xz, x1 and z1
-// (three in_proj GEMMs, two conv_silu passes) and the fusion layer's relu(pre) (two GEMMs); always,
-// FGMM's conv output (one small GEMM) and each direction's delta (one GEMM). Intermediates are released as soon as they are consumed, and masks are applied in place: peak
-// memory is the point of these details.
+// (three in_proj GEMMs, two conv_silu passes) and the fusion layer's relu(pre) (two GEMMs); always, FGMM's
+// conv output (one small GEMM) and each direction's delta (one GEMM). Intermediates are released as soon as
+// they are consumed (saved ones too, with `consume`), and masks are applied in place: peak memory is the
+// point of these details.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
