@@ -10,7 +10,8 @@ GMAMBA_GSSM_SAVE policy: what keeping xz, x1, z1 and relu(pre) for the backward 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
 ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; peak memory of forward+backward and
 of inference (a forward under no_grad) (GPU: torch.cuda's allocator; CPU: a worker per cell with a
-malloc-counting allocator preloaded, cpu_peak_memory.py), and on GPU the number of kernels launched per forward / forward+backward (torch.profiler).
+malloc-counting allocator preloaded, cpu_peak_memory.py), and on GPU the number of kernels launched per
+forward / forward+backward (torch.profiler).
 Outputs and gradients are checked to agree before timing. On CPU also a paired speed-up against
 unfused_mambapy (--paired ROUNDS): the two take turns call by call, each in a worker process of its own that
 keeps freed memory (paired_timing.py), so neither the machine's drift nor the allocator's page faults enter
