@@ -105,6 +105,13 @@ def main():
     batch = args.batch or (8 if args.device == "cuda" else 2)
     lines = [f"# gssm memory by stage, {args.device}, batch {batch} (MiB above the start: held before / peak / "
              "left after; u = one (B, L, d) tensor)", ""]
+
+    def write():  # after every cell: a GPU step cut short by its time limit keeps what it measured
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"memory_stages_{args.device}.md"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         for C, H in shapes_of(args.shapes):
             for policy in ("recompute", "keep"):
@@ -123,10 +130,7 @@ def main():
                         block = [f"  - {stage}: " + trail_lines[0]] + ["    " + t for t in trail_lines[1:]]
                         lines += block
                         print("\n".join(block), flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"memory_stages_{args.device}.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+                write()
 
 
 if __name__ == "__main__":
