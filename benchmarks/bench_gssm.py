@@ -68,23 +68,23 @@ def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     return y.transpose(1, 2)
 
 
-def with_save_policy(policy, fn):
-    """fn with GMAMBA_GSSM_SAVE=policy around the call (read by gssm's forward; the backward follows what
-    the forward kept)."""
+def with_env(name, value, fn):
+    """fn with the environment variable name=value around the call (gssm reads GMAMBA_GSSM_SAVE and
+    GMAMBA_GSSM_LOWPASS per forward call; the backward follows what the forward kept)."""
     def run(x, p, cfg):
-        previous = os.environ.get("GMAMBA_GSSM_SAVE")
-        os.environ["GMAMBA_GSSM_SAVE"] = policy
+        previous = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn(x, p, cfg)
         finally:
             if previous is None:
-                del os.environ["GMAMBA_GSSM_SAVE"]
+                del os.environ[name]
             else:
-                os.environ["GMAMBA_GSSM_SAVE"] = previous
+                os.environ[name] = previous
     return run
 
 
-def implementations(device, mamba_path, other_save_policy=False):
+def implementations(device, mamba_path, other_save_policy=False, other_lowpass=False):
     """name -> fn(x, params, config), and notes on what was unavailable."""
     # fused_composition: the same kernels and algebra orchestrated from Python (what gssm ran before the C++
     # orchestration, and what torch.compile traces): the column that shows the host-side gain.
@@ -94,7 +94,12 @@ def implementations(device, mamba_path, other_save_policy=False):
         # The fused path with the device's other save policy (the default keeps xz, x1, z1 and relu(pre) on the
         # CPU and recomputes them on a GPU): its time and peak memory against the default's.
         other = "recompute" if device == "cpu" else "keep"
-        impls[f"fused_{other}"] = with_save_policy(other, impls["fused"])
+        impls[f"fused_{other}"] = with_env("GMAMBA_GSSM_SAVE", other, impls["fused"])
+    if other_lowpass:
+        # The fused path with the device's other form of FEM's low-pass (DFT matrices on the CPU, ATen's FFTs
+        # elsewhere by default): which is faster where.
+        other = "fft" if device == "cpu" else "dft"
+        impls[f"fused_{other}_lowpass"] = with_env("GMAMBA_GSSM_LOWPASS", other, impls["fused"])
     notes = []
     if device == "cpu":
         if importlib.util.find_spec("mambapy") is not None:
@@ -207,7 +212,7 @@ def run_worker(args):
     torch.set_num_threads(args.worker_threads)
     (C, H), = shapes_of(args.shapes)
     cfg, params, x = make_case(args.batch, C, H, "cpu", getattr(torch, args.dtypes))
-    fwd, fwd_bwd = closures(implementations("cpu", None, other_save_policy=True)[0][args.worker], cfg, params, x)
+    fwd, fwd_bwd = closures(implementations("cpu", None, True, True)[0][args.worker], cfg, params, x)
     if args.worker_pass in ("peak", "peak_fwd"):
         return report_peak(fwd_bwd if args.worker_pass == "peak" else fwd)
     run = fwd if args.worker_pass == "fwd" else fwd_bwd
@@ -253,7 +258,7 @@ def measure(fn, cfg, params, x, device, args):
 
 def bench(args):
     device = args.device
-    impls, notes = implementations(device, args.mamba_ssm, args.other_save_policy)
+    impls, notes = implementations(device, args.mamba_ssm, args.other_save_policy, args.other_lowpass)
 
     def report(rows):
         return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -412,6 +417,8 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--other-save-policy", action="store_true",
                         help="also time the fused path with GMAMBA_GSSM_SAVE=recompute (CPU) / keep (GPU)")
+    parser.add_argument("--other-lowpass", action="store_true",
+                        help="also time the fused path with GMAMBA_GSSM_LOWPASS=fft (CPU) / dft (GPU)")
     parser.add_argument("--mamba-ssm", default=None, help="selective_scan_cuda module (.so or .so.gz)")
     parser.add_argument("--paired", type=int, default=None,
                         help="CPU: rounds of paired timing, fused against unfused_mambapy (default 10; 0: none)")

@@ -34,7 +34,8 @@ $PY -m gmamba_ext 2>&1 | tee -a "$OUT/env.txt"
 
 step "CUDA tests"
 timeout ${T_CUDA_TESTS:-150} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
-  "$REPO/python_tests/test_gssm_cuda.py" "$REPO/python_tests/test_gssm_fused.py" "$REPO/python_tests/test_analysis.py::test_cuda_matches_cpu" -q -rs -p no:cacheprovider -n 4 \
+  "$REPO/python_tests/test_gssm_cuda.py" "$REPO/python_tests/test_gssm_fused.py" "$REPO/python_tests/test_gssm_lowpass.py" \
+  "$REPO/python_tests/test_analysis.py::test_cuda_matches_cpu" -q -rs -p no:cacheprovider -n 4 \
   2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
 
 step "GPU benchmarks"
@@ -43,10 +44,10 @@ if [ "${T_BENCH:-90}" != 0 ]; then
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 
-step "GSSM benchmark (fused gssm vs the unfused composition with mamba-ssm's scan; fused_keep: GMAMBA_GSSM_SAVE=keep)"
+step "GSSM benchmark (fused gssm vs the unfused composition with mamba-ssm's scan; fused_keep: GMAMBA_GSSM_SAVE=keep; fused_dft_lowpass: GMAMBA_GSSM_LOWPASS=dft)"
 if [ "${T_GSSM_BENCH:-150}" != 0 ]; then
   timeout ${T_GSSM_BENCH:-150} $PY "$REPO/benchmarks/bench_gssm.py" --device cuda --out "$OUT" \
-    --dtypes ${GSSM_DTYPES:-float32,bfloat16} --other-save-policy ${GSSM_ARGS:-} \
+    --dtypes ${GSSM_DTYPES:-float32,bfloat16} --other-save-policy --other-lowpass ${GSSM_ARGS:-} \
     --mamba-ssm "$REPO/.device/mamba_ssm/selective_scan_cuda.so.gz" 2>&1 | tail -30 || status=1
 fi
 

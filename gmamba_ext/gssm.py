@@ -115,7 +115,7 @@ def _fem_low(x1: Tensor, H: int, W: int, mask: str) -> Optional[Tensor]:
     if B == 0:  # pocketfft / MKL reject empty batches
         return torch.zeros_like(x1)
     xf = x1.reshape(B, H, W, d).to(accumulation_dtype(x1.dtype))
-    if xf.device.type == "cpu":  # ATen's CPU FFTs copy more than they compute: csrc/ops/fem_low_dft.cpp
+    if xf.device.type == "cpu":  # ATen's CPU FFTs copy more than they compute: csrc/ops/fem_lowpass.cpp
         return _fem_low_dft(xf, mask).reshape(B, L, d).to(x1.dtype)
     X = torch.fft.fft(torch.fft.rfft(xf, dim=2)[:, :, :ncol], dim=1)  # (B, H, ncol, d)
     if mask == "corner":
@@ -141,9 +141,9 @@ def _complex_from_blocks(prod: Tensor, rows: int, cols: int) -> Tensor:
 
 
 def _fem_low_dft(xf: Tensor, mask: str) -> Tensor:
-    """The low-pass of xf (B, H, W, d) as pruned real DFT matrices and GEMMs, the same operations as the
-    C++ orchestration's fem_low_dft (csrc/ops/fem_low_dft.cpp, which explains them), so the two agree
-    bitwise. Returns (B * H, W, d)."""
+    """The low-pass of xf (B, H, W, d) as pruned real DFT matrices and GEMMs, the matrices of the C++
+    orchestration's DFT form (csrc/ops/fem_lowpass.cpp, which explains them; it applies the fusion layer's
+    Pl to the coefficients instead of to low, so the two agree to rounding). Returns (B * H, W, d)."""
     B, H, W, d = xf.shape
     n, ncol = H // 4, (W // 2 + 1) // 4
     cols = ncol * d

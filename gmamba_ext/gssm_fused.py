@@ -133,7 +133,8 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
         if not save:
             return out, [], []
         keep = keeps_intermediates(x.device)
-        front = [maybe(keep, (B, L, 2 * d)), maybe(fusion and has_low, (B, L, d)), maybe(fem, (B, L, d)),
+        coeffs = (B, H // 4, 2, (W // 2 + 1) // 4, d)  # the low-pass's kept Fourier coefficients of x1
+        front = [maybe(keep, (B, L, 2 * d)), maybe(fusion and has_low, coeffs, acc), maybe(fem, (B, L, d)),
                  maybe(fgmm, (B * L, E4 + d4)), maybe(fgmm, (B, L)),
                  maybe(fgmm, (B, d), acc), maybe(fgmm, (B, 2), acc), maybe(fgmm, (B,), acc),
                  maybe(fusion and keep, (B * L, 2 * d)),  # relu(pre)

@@ -94,8 +94,9 @@ def test_eager_call_runs_the_cpp_orchestration():
     assert "_GSSMFunctionBackward" not in grad_fn_names(gssm_composition(x, p))
     with composition_only():
         assert "_GSSMFunctionBackward" not in grad_fn_names(gssm(x, p))
-    with torch.no_grad():  # inference: the op without saving anything
-        torch.testing.assert_close(gssm(x, p), gssm_composition(x, p), rtol=0, atol=0)
+    with torch.no_grad():  # inference: the op without saving anything (float64; the fusion layer's low-pass
+        # product runs on Fourier coefficients in C++, on tokens in the composition: rounding differs)
+        torch.testing.assert_close(gssm(x, p), gssm_composition(x, p), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("single_dt_bias", [False, True])

@@ -30,14 +30,15 @@ enum ScanRole : int { kXProj, kDtW, kDtB, kALog, kD, kPerDirection };
 
 // What the forward saves for the backward, in two lists (an empty tensor where the variant has none):
 // `front` for the stages before the scan (kXz, in_proj's output, only with Layout::keep_conv: otherwise the
-// backward recomputes it from x; kLow and the folded weights kPx, kPl, kC0 only with the fusion
-// layer; kRelu, relu(pre), only with it and Layout::keep_relu; kX1 only with Layout::keep_conv and a
+// backward recomputes it from x; kLowCoeffs, the low-pass coefficients F(x1) (not low: fem_coefficients), and
+// the folded weights kPx, kPl, kC0 only with the fusion layer; kRelu, relu(pre), only with it and
+// Layout::keep_relu; kX1 only with Layout::keep_conv and a
 // frequency stage; FGMM's conv output c is recomputed from kHid, one small GEMM, rather than held through the
 // scan's backward), `scan` for the scans and out_proj (kScanSaved, then kSavedPerDirection per direction;
 // kZ1 only with Layout::keep_conv). No two alias each other. The backward runs
 // in two ops, scan part first, so that the caller can drop `scan` before the front part runs.
 enum FrontSaved : int {
-  kXz, kLow, kFm, kHid, kGateLogit, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kX1, kNumFront
+  kXz, kLowCoeffs, kFm, kHid, kGateLogit, kPoolS, kMixA, kGateG, kRelu, kPx, kPl, kC0, kX1, kNumFront
 };
 enum ScanSaved : int { kX2, kY, kZ1, kScanSaved };
 enum SavedPerDirection : int { kXdbl, kCheckpoints, kSavedPerDirection };
@@ -63,6 +64,7 @@ struct Layout {
   bool keep_conv;
   // The backward ops may free saved tensors once read (their `consume` argument): see release().
   bool consume;
+  bool lowpass_fft;  // FEM's low-pass as ATen FFTs rather than DFT matrices (lowpass_uses_fft)
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 
   int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }
@@ -120,11 +122,28 @@ struct Weights {
   at::Tensor acc(int i) const { return as_dtype(p[i], s.acc).contiguous(); }  // kernel weights: accumulation
 };
 
-// low = irfft2(M rfft2(x)) per channel of x (B, L, d) in x's dtype (transforms in the accumulation dtype);
-// undefined when the mask is empty. The map is self-adjoint, so the backward applies it to dlow as well.
+// FEM's low-pass (fem_lowpass.cpp). low = irfft2(M rfft2(x)) = G(F(x)) per channel of x (B, L, c): F gives
+// the mask's kept Fourier coefficients, (B, U, 2, ncol, c) in the accumulation dtype (rows u, [re ; im],
+// columns v < ncol: about L / 16 values per channel), G makes tokens of them. Channel products commute with
+// both, so the fusion layer applies Pl to the coefficients (fem_coefficient_mix) instead of to B L token rows:
+// at DESIGN's shapes that replaces three (B L, d) x (d, 2d) GEMMs per forward + backward by transforms of
+// 2d channels, and the backward keeps the coefficients instead of low. Layout::lowpass_fft picks the form:
+// ATen's FFTs (cuFFT) or pruned DFT matrices and GEMMs (the CPU's default).
+// Whether the low-pass runs as ATen FFTs on `device`: GMAMBA_GSSM_LOWPASS=auto (or unset: off the CPU),
+// fft, or dft; read per call.
+bool lowpass_uses_fft(const c10::Device& device);
+// F(x): the kept coefficients of tokens x (B, L, c), any c.
+at::Tensor fem_coefficients(const at::Tensor& x, const Layout& s);
+// out (B, L, c) += G(Z) (in place; in out's dtype).
+void fem_synthesis_add(const at::Tensor& out, const at::Tensor& Z, const Layout& s);
+// The channel product Z M for M (c, c'): coefficients with c' channels.
+at::Tensor fem_coefficient_mix(const at::Tensor& Z, const at::Tensor& M);
+// <t_i, G(Z_j)> over all tokens for channels i of t and j of Z, from A = F(t): sum_k D_k A_ki Z_kj, (c_A, c_Z)
+// in the accumulation dtype (D: G's transpose is D F, fem_lowpass.cpp). The fusion layer's dPl = dpre^T low.
+at::Tensor fem_coefficient_pairing(const at::Tensor& A, const at::Tensor& Z, const Layout& s);
+// low = G(F(x)) in x's dtype; undefined when the mask is empty. The map is self-adjoint, so the backward of
+// dft_fgmm_ssm (Fm = low) applies it to dlow as well.
 at::Tensor fem_low(const at::Tensor& x, const Layout& s);
-// The same map as pruned real DFT matrices and GEMMs (fem_low_dft.cpp): what fem_low runs on the CPU.
-at::Tensor fem_low_dft(const at::Tensor& x, const Layout& s);
 
 // Tokens (B, L, d) in raster order into direction k's scan order (0 raster, 1 reversed, 2 column-major,
 // 3 reversed column-major), and back; contiguous results.

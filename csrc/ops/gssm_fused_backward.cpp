@@ -109,12 +109,13 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
     if (s.has_low) dx1.add_(fem_low(dFm.view({s.B, s.L, d}), s));
     return dx1;
   }
-  // Fm = relu(pre) W2^T + b2,  pre = x1 Px^T + low Pl^T + c0 (relu(pre) kept or recomputed)
-  const at::Tensor &Px = saved[kPx], &Pl = saved[kPl];
+  // Fm = relu(pre) W2^T + b2,  pre = x1 Px^T + low Pl^T + c0 (relu(pre) kept or recomputed), low = G(Z),
+  // Z = F(x1) the saved low-pass coefficients, low Pl^T = G(Z Pl^T)
+  const at::Tensor &Px = saved[kPx], &Pl = saved[kPl], &Z = saved[kLowCoeffs];
   const at::Tensor x1f = x1.view({BL, d});
   at::Tensor relu = s.keep_relu ? saved[kRelu] : at::addmm(saved[kC0], x1f, Px.t());
   if (!s.keep_relu) {
-    if (s.has_low) relu.addmm_(saved[kLow].view({BL, d}), Pl.t());
+    if (s.has_low) fem_synthesis_add(relu.view({s.B, s.L, 2 * d}), fem_coefficient_mix(Z, Pl.t()), s);
     relu.relu_();
   }
   g[kFuse2W] = at::mm(dFm.t(), relu);
@@ -128,11 +129,13 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
   dx1.view({BL, d}).addmm_(dpre, Px);
   at::Tensor dPl;
   if (s.has_low) {
-    dPl = at::mm(dpre.t(), saved[kLow].view({BL, d}));
-    release(saved[kLow], s);
-    at::Tensor dlow = at::mm(dpre, Pl).view({s.B, s.L, d});
+    // With A = F(dpre): dPl = dpre^T G(Z) = sum_k D_k A_k Z_k^T (G^T = D F), and x1's part through low,
+    // P(dpre Pl) with P = G F self-adjoint, is G(A Pl): two transforms, no B L-row GEMM.
+    const at::Tensor A = fem_coefficients(dpre.view({s.B, s.L, 2 * d}), s);
     dpre.reset();
-    dx1.add_(fem_low(dlow, s));  // the low-pass map is self-adjoint
+    dPl = as_dtype(fem_coefficient_pairing(A, Z, s), s.dt);
+    release(Z, s);
+    fem_synthesis_add(dx1, fem_coefficient_mix(A, Pl), s);
   }
   fusion_weights_backward(w, dPx, dPl, dc0, g);
   return dx1;

@@ -50,6 +50,7 @@ Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::Ten
   s.single_dt_bias = single_dt_bias;
   s.keep_relu = s.keep_conv = false;  // set by the forward when it saves, and by the backward from what it saved
   s.consume = false;                  // set by the backward ops from their argument
+  s.lowpass_fft = lowpass_uses_fft(device);
   s.dt = dt;
   s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,
@@ -69,28 +70,6 @@ std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::Tenso
   for (size_t i = first; i < last; ++i)
     out.push_back(g[i].defined() ? as_dtype(g[i].reshape(params[i].sizes()), params[i].scalar_type()) : absent(like));
   return out;
-}
-
-at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
-  if (!s.has_low) return {};
-  if (s.B == 0) return at::zeros_like(x);  // pocketfft / MKL reject empty batches
-  if (x.is_cpu()) return fem_low_dft(x, s);  // see fem_low_dft.cpp: ATen's FFTs copy more than they compute
-  const int64_t n = s.H / 4, ncol = (s.W / 2 + 1) / 4;
-  // Pruned: only the ncol low columns go through the FFT along H. x in float32 (a copy for half inputs) and
-  // its full rfft live only inside this expression.
-  const at::Tensor X = at::fft_fft(
-      at::fft_rfft(as_dtype(x.reshape({s.B, s.H, s.W, s.d}), s.acc), std::nullopt, 2).narrow(2, 0, ncol),
-      std::nullopt, 1);
-  at::Tensor Y;
-  if (s.corner) {
-    Y = at::fft_ifft(X.narrow(1, 0, n), s.H, 1);  // the kept rows u < n, zero-padded to H
-  } else {  // rows u < ceil(n/2) and u >= H - floor(n/2)
-    at::Tensor rows = at::zeros({s.H, 1, 1}, X.options().dtype(s.acc));
-    rows.narrow(0, 0, (n + 1) / 2).fill_(1);
-    if (n / 2 > 0) rows.narrow(0, s.H - n / 2, n / 2).fill_(1);
-    Y = at::fft_ifft(X * rows, std::nullopt, 1);
-  }
-  return as_dtype(at::fft_irfft(Y, s.W, 2).reshape({s.B, s.L, s.d}), s.dt).contiguous();
 }
 
 at::Tensor to_direction(const at::Tensor& u, int64_t k, const Layout& s) {

@@ -28,7 +28,7 @@ Fusion fusion_weights(const Weights& w) {
 }
 
 struct Frequency {  // FEM and FGMM outputs, and what the backward keeps of them
-  at::Tensor x2, low, Fm, hid, gate_logit, pool_s, mix_a, gate_g, relu;
+  at::Tensor x2, low_coeffs, Fm, hid, gate_logit, pool_s, mix_a, gate_g, relu;
   Fusion folded;  // the fusion layer's folded weights (small: (2d, d) and (2d,))
 };
 
@@ -42,17 +42,20 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1, bool save) {
     f.x2 = x1;
     return f;
   }
-  f.low = fem_low(x1, s);
   if (s.fusion) {
+    // pre = x1 Px^T + low Pl^T + c0, the low-pass part as G(F(x1) Pl^T): Pl on the kept coefficients
     f.folded = fusion_weights(w);
     const Fusion& fw = f.folded;
     at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
-    if (f.low.defined()) pre.addmm_(f.low.view({BL, d}), fw.Pl.t());
-    if (!save) f.low.reset();
+    if (s.has_low) {
+      f.low_coeffs = fem_coefficients(x1, s);
+      fem_synthesis_add(pre.view({s.B, s.L, 2 * d}), fem_coefficient_mix(f.low_coeffs, fw.Pl.t()), s);
+      if (!save) f.low_coeffs.reset();
+    }
     f.Fm = at::addmm(w(kFuse2B), pre.relu_(), w(kFuse2W).t()).view({s.B, s.L, d});
     if (s.keep_relu) f.relu = pre;
   } else {
-    f.Fm = f.low.defined() ? f.low : at::zeros_like(x1);
+    f.Fm = s.has_low ? fem_low(x1, s) : at::zeros_like(x1);
   }
   if (!s.fgmm) {
     f.x2 = x1 + f.Fm;
@@ -129,10 +132,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gssm_fo
   const auto keep = [&](std::vector<at::Tensor>& list, const at::Tensor& t) {
     list.push_back(t.defined() ? t : absent(x));
   };
-  // low only where the backward reads it (the fusion layer); in dft_fgmm_ssm it is Fm itself.
+  // The low-pass coefficients only where the backward reads them (the fusion layer); in dft_fgmm_ssm low is
+  // Fm itself.
   // x1 only with a frequency stage: without one x2 is x1, saved in `scan`, and the front's backward does
   // not read x1.
-  for (const at::Tensor& t : {xz, s.fusion ? f.low : at::Tensor(), f.Fm, f.hid, f.gate_logit, f.pool_s,
+  for (const at::Tensor& t : {xz, f.low_coeffs, f.Fm, f.hid, f.gate_logit, f.pool_s,
                               f.mix_a, f.gate_g, f.relu, f.folded.Px, f.folded.Pl, f.folded.c0,
                               s.keep_conv && s.fem ? x1 : at::Tensor()})
     keep(front, t);

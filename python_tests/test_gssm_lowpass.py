@@ -1,0 +1,107 @@
+"""FEM's low-pass in gssm's C++ orchestration (csrc/ops/fem_lowpass.cpp): the fusion layer applies its channel
+map Pl to the mask's kept Fourier coefficients, and the backward keeps those coefficients instead of low. Both
+forms of the transforms run here on the CPU (GMAMBA_GSSM_LOWPASS=dft, the CPU's default: DFT matrices and
+GEMMs; =fft, CUDA's default: ATen's FFTs), so the branch a GPU takes is tested without one: against the
+Python composition (which forms low on the tokens) in float64 over variants, masks, save policies and sizes
+that keep 1 to several rows and columns; float64 gradcheck with the low-pass active; the size of what the
+forward saves; the environment variable's errors."""
+import itertools
+
+import pytest
+import torch
+
+from gmamba_ext.gssm import gssm, gssm_composition
+from gmamba_ext.ops import HAS_EXTENSION
+from gssm_helpers import make, param_fields
+from test_gssm_fused import assert_grads_close, inputs, outputs_and_grads
+
+pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled extension is not built")
+f64 = torch.float64
+
+# (B, H, W): kept rows H // 4 and columns (W // 2 + 1) // 4 of (1, 1), (2, 1), (1, 3), (9, 6); an empty batch
+SIZES = [(2, 4, 6), (1, 9, 12), (2, 7, 21), (1, 37, 45), (0, 8, 8)]
+
+
+@pytest.mark.parametrize("form", ["dft", "fft"])
+@pytest.mark.parametrize("variant,mask", [("full", "corner"), ("full", "symmetric"), ("fem_ssm", "symmetric"),
+                                          ("dft_fgmm_ssm", "corner"), ("dft_fgmm_ssm", "symmetric")])
+def test_forms_match_composition(form, variant, mask, monkeypatch):
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
+    cfg, p, g = make(16, variant=variant, mask=mask, directions="bi", d_state=4)
+    for (B, H, W), policy in itertools.product(SIZES, ("keep", "recompute")):
+        monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
+        x = inputs(cfg, B, H, W, g)
+        dout = torch.randn(B, H, W, cfg.d_model, generator=g, dtype=f64)
+        options = dict(variant=variant, mask=mask, directions="bi")
+        got_out, got = outputs_and_grads(gssm, x, p, [None, None], dout, **options)
+        want_out, want = outputs_and_grads(gssm_composition, x, p, [None, None], dout, **options)
+        torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+        assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("form", ["dft", "fft"])
+@pytest.mark.parametrize("mask", ["corner", "symmetric"])
+def test_gradcheck_with_the_low_pass(form, mask, monkeypatch):
+    # H = 8, W = 6: two kept rows (the symmetric mask's u = 0 and u = H - 1) and one column, so the gradients
+    # of Pl's parameters (low_freq_proj, low_freq_weight) go through the coefficients
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
+    cfg, p, g = make(8, mask=mask, d_state=3)
+    x = inputs(cfg, 1, 8, 6, g).requires_grad_()
+    names = param_fields(p)
+    tensors = [getattr(p, n).detach().clone().requires_grad_() for n in names]
+
+    def fn(x, *ts):
+        return gssm(x, p.replace(**dict(zip(names, ts))), mask=mask)
+
+    assert torch.autograd.gradcheck(fn, (x, *tensors), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["dft", "fft"])
+def test_forms_agree_in_float32(form, monkeypatch):
+    cfg, p, g = make(32, d_state=4)
+    x = inputs(cfg, 2, 16, 20, g)
+    dout = torch.randn(2, 16, 20, 32, generator=g, dtype=f64)
+    want_out, want = outputs_and_grads(gssm, x, p, [None], dout)  # float64
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
+    q = p.replace(**{n: getattr(p, n).float() for n in param_fields(p)})
+    got_out, got = outputs_and_grads(gssm, x.float(), q, [None], dout.float())
+    torch.testing.assert_close(got_out.double(), want_out, rtol=1e-4, atol=1e-4)
+    assert_grads_close([t.double() for t in got], want, 1e-4, scaled=True)
+
+
+def test_forward_saves_coefficients_not_low(monkeypatch):
+    monkeypatch.setenv("GMAMBA_GSSM_SAVE", "recompute")
+    cfg, p, g = make(16, d_state=4)
+    B, H, W = 2, 16, 24
+    x = inputs(cfg, B, H, W, g).float()
+    params = [getattr(p, n).float() for n in param_fields(p)]
+    _, front, _ = torch.ops.gmamba_ext.gssm_fwd(x, params, [None], H, W, "full", "corner", False, True)
+    coeffs = front[1]  # kLowCoeffs: (B, H // 4 rows, [re, im], (W // 2 + 1) // 4 columns, d)
+    assert coeffs.shape == (B, H // 4, 2, (W // 2 + 1) // 4, cfg.d) and coeffs.dtype == torch.float32
+    assert coeffs.numel() * 16 <= B * H * W * cfg.d  # about L / 16 values per channel, not low's L
+
+
+def test_bad_form_is_refused(monkeypatch):
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 8, 8, g)
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", "fast")
+    with pytest.raises(ValueError, match="GMAMBA_GSSM_LOWPASS must be 'auto', 'fft' or 'dft'"):
+        gssm(x, p)
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", "auto")
+    gssm(x, p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", ["dft", "fft"])
+@pytest.mark.parametrize("mask", ["corner", "symmetric"])
+def test_cuda_forms_match_composition(form, mask, monkeypatch):
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
+    cfg, p, g = make(32, mask=mask, d_state=8)
+    for dtype, tol in ((f64, 1e-10), (torch.float32, 1e-4)):
+        q = p.replace(**{n: getattr(p, n).to("cuda", dtype) for n in param_fields(p)})
+        x = inputs(cfg, 2, 13, 18, g, dtype).cuda()
+        dout = torch.randn(2, 13, 18, 32, generator=g, dtype=f64).to("cuda", dtype)
+        got_out, got = outputs_and_grads(gssm, x, q, [None], dout, mask=mask)
+        want_out, want = outputs_and_grads(gssm_composition, x, q, [None], dout, mask=mask)
+        torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+        assert_grads_close(got, want, tol, scaled=True)
