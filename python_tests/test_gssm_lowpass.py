@@ -1,10 +1,11 @@
-"""FEM's low-pass in gssm's C++ orchestration (csrc/ops/fem_lowpass.cpp): the fusion layer applies its channel
-map Pl to the mask's kept Fourier coefficients, and the backward keeps those coefficients instead of low. Both
-forms of the transforms run here on the CPU (GMAMBA_GSSM_LOWPASS=dft, the CPU's default: DFT matrices and
-GEMMs; =fft, CUDA's default: ATen's FFTs), so the branch a GPU takes is tested without one: against the
-Python composition (which forms low on the tokens) in float64 over variants, masks, save policies and sizes
-that keep 1 to several rows and columns; float64 gradcheck with the low-pass active; the size of what the
-forward saves; the environment variable's errors."""
+"""FEM's low-pass in gssm's C++ orchestration (csrc/ops/fem_lowpass.cpp): the backward keeps the mask's kept
+Fourier coefficients of x1 instead of low; in the DFT form (GMAMBA_GSSM_LOWPASS=dft, the CPU's default: DFT
+matrices and GEMMs) the fusion layer applies its channel map Pl to those coefficients, in the FFT form
+(=fft, CUDA's default: ATen's FFTs) it forms low from them where needed and keeps its GEMMs. Both forms run
+here on the CPU, so the branch a GPU takes is tested without one: against the Python composition (which
+forms low on the tokens) in float64 over variants, masks, save policies and sizes that keep 1 to several
+rows and columns; float64 gradcheck with the low-pass active; the size of what the forward saves; the
+environment variable's errors."""
 import itertools
 
 import pytest

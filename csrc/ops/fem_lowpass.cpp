@@ -170,9 +170,7 @@ at::Tensor coefficients_fft(const at::Tensor& x, const Layout& s) {
     const at::Tensor X = at::fft_fft(at::fft_rfft(xs, std::nullopt, 2).narrow(2, 0, ncol), std::nullopt, 1);
     const at::Tensor kept = s.corner ? X.narrow(1, 0, n)
                                      : at::cat({X.narrow(1, 0, (n + 1) / 2), X.narrow(1, s.H - n / 2, n / 2)}, 1);
-    at::Tensor slice = Z.narrow(4, c0, cc);
-    slice.select(2, 0).copy_(at::real(kept));
-    slice.select(2, 1).copy_(at::imag(kept));
+    Z.narrow(4, c0, cc).copy_(at::view_as_real(kept).permute({0, 1, 4, 2, 3}));  // [re ; im] in one pass
   }
   return Z;
 }
@@ -246,19 +244,31 @@ at::Tensor fem_coefficient_pairing(const at::Tensor& A, const at::Tensor& Z, con
   return at::mm((A * D).reshape({-1, A.size(-1)}).t(), Z.reshape({-1, Z.size(-1)}));
 }
 
-at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
-  if (!s.has_low) return {};
-  if (s.B == 0) return at::zeros_like(x);
-  const at::Tensor Z = fem_coefficients(x, s);
-  const int64_t c = x.size(2);
+at::Tensor fem_synthesis(const at::Tensor& Z, const Layout& s) {
+  const int64_t c = Z.size(4);
+  if (s.B == 0) return at::zeros({0, s.L, c}, Z.options().dtype(s.dt));
   if (s.lowpass_fft) {
     if (c <= s.d) return as_dtype(synthesis_fft(Z, 0, c, s), s.dt).contiguous();
-    at::Tensor low = at::zeros({s.B, s.L, c}, x.options().dtype(s.acc));
+    at::Tensor low = at::zeros({s.B, s.L, c}, Z.options());
     synthesis_add_fft(low, Z, s);
     return as_dtype(low, s.dt);
   }
   const auto [Y, m] = synthesis_rows_dft(Z, s);
   return as_dtype(at::bmm(m.Gw.expand({s.B * s.H, s.W, Y.size(1)}), Y).view({s.B, s.L, c}), s.dt);
+}
+
+at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
+  if (!s.has_low) return {};
+  return fem_synthesis(fem_coefficients(x, s), s);
+}
+
+void fem_add_low_product(const at::Tensor& pre, const at::Tensor& Z, const at::Tensor& Pl, const Layout& s) {
+  if (s.B == 0) return;
+  if (s.lowpass_fft) {
+    pre.view({s.B * s.L, Pl.size(0)}).addmm_(fem_synthesis(Z, s).view({s.B * s.L, s.d}), Pl.t());
+  } else {
+    fem_synthesis_add(pre, fem_coefficient_mix(Z, Pl.t()), s);
+  }
 }
 
 }  // namespace gmamba::fused

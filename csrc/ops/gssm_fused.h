@@ -124,16 +124,20 @@ struct Weights {
 
 // FEM's low-pass (fem_lowpass.cpp). low = irfft2(M rfft2(x)) = G(F(x)) per channel of x (B, L, c): F gives
 // the mask's kept Fourier coefficients, (B, U, 2, ncol, c) in the accumulation dtype (rows u, [re ; im],
-// columns v < ncol: about L / 16 values per channel), G makes tokens of them. Channel products commute with
-// both, so the fusion layer applies Pl to the coefficients (fem_coefficient_mix) instead of to B L token rows:
-// at DESIGN's shapes that replaces three (B L, d) x (d, 2d) GEMMs per forward + backward by transforms of
-// 2d channels, and the backward keeps the coefficients instead of low. Layout::lowpass_fft picks the form:
-// ATen's FFTs (cuFFT) or pruned DFT matrices and GEMMs (the CPU's default).
+// columns v < ncol: about L / 16 values per channel), G makes tokens of them. The backward of the fusion
+// layer keeps the coefficients of x1 instead of low. Layout::lowpass_fft picks the form: ATen's FFTs
+// (cuFFT; CUDA's default) or pruned DFT matrices and GEMMs (the CPU's). Channel products commute with F and
+// G, so in the DFT form the fusion layer applies Pl to the coefficients (fem_coefficient_mix) instead of to
+// B L token rows: three (B L, d) x (d, 2d) GEMMs per forward + backward become transforms of 2d channels.
+// The FFT form keeps those GEMMs on a low formed from the coefficients where needed: there each transform
+// is several launches of a host-bound call, while a GEMM is one (not yet measured on a GPU either way).
 // Whether the low-pass runs as ATen FFTs on `device`: GMAMBA_GSSM_LOWPASS=auto (or unset: off the CPU),
 // fft, or dft; read per call.
 bool lowpass_uses_fft(const c10::Device& device);
 // F(x): the kept coefficients of tokens x (B, L, c), any c.
 at::Tensor fem_coefficients(const at::Tensor& x, const Layout& s);
+// G(Z): tokens (B, L, c) in the compute dtype.
+at::Tensor fem_synthesis(const at::Tensor& Z, const Layout& s);
 // out (B, L, c) += G(Z) (in place; in out's dtype).
 void fem_synthesis_add(const at::Tensor& out, const at::Tensor& Z, const Layout& s);
 // The channel product Z M for M (c, c'): coefficients with c' channels.
@@ -141,8 +145,10 @@ at::Tensor fem_coefficient_mix(const at::Tensor& Z, const at::Tensor& M);
 // <t_i, G(Z_j)> over all tokens for channels i of t and j of Z, from A = F(t): sum_k D_k A_ki Z_kj, (c_A, c_Z)
 // in the accumulation dtype (D: G's transpose is D F, fem_lowpass.cpp). The fusion layer's dPl = dpre^T low.
 at::Tensor fem_coefficient_pairing(const at::Tensor& A, const at::Tensor& Z, const Layout& s);
+// pre (B, L, 2d) += low Pl^T for low = G(Z), Pl (2d, d): G(Z Pl^T) in the DFT form, a GEMM in the FFT form.
+void fem_add_low_product(const at::Tensor& pre, const at::Tensor& Z, const at::Tensor& Pl, const Layout& s);
 // low = G(F(x)) in x's dtype; undefined when the mask is empty. The map is self-adjoint, so the backward of
-// dft_fgmm_ssm (Fm = low) applies it to dlow as well.
+// dft_fgmm_ssm (Fm = low) and of the FFT form applies it to dlow as well.
 at::Tensor fem_low(const at::Tensor& x, const Layout& s);
 
 // Tokens (B, L, d) in raster order into direction k's scan order (0 raster, 1 reversed, 2 column-major,

@@ -110,12 +110,18 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
     return dx1;
   }
   // Fm = relu(pre) W2^T + b2,  pre = x1 Px^T + low Pl^T + c0 (relu(pre) kept or recomputed), low = G(Z),
-  // Z = F(x1) the saved low-pass coefficients, low Pl^T = G(Z Pl^T)
+  // Z = F(x1) the saved low-pass coefficients. The FFT form forms low here once (fem_lowpass.cpp: GEMMs, not
+  // more transforms, on a host-bound GPU); the DFT form stays on the coefficients.
   const at::Tensor &Px = saved[kPx], &Pl = saved[kPl], &Z = saved[kLowCoeffs];
   const at::Tensor x1f = x1.view({BL, d});
+  at::Tensor low = s.has_low && s.lowpass_fft ? fem_synthesis(Z, s) : at::Tensor();
   at::Tensor relu = s.keep_relu ? saved[kRelu] : at::addmm(saved[kC0], x1f, Px.t());
   if (!s.keep_relu) {
-    if (s.has_low) fem_synthesis_add(relu.view({s.B, s.L, 2 * d}), fem_coefficient_mix(Z, Pl.t()), s);
+    if (low.defined()) {
+      relu.addmm_(low.view({BL, d}), Pl.t());
+    } else if (s.has_low) {
+      fem_add_low_product(relu.view({s.B, s.L, 2 * d}), Z, Pl, s);
+    }
     relu.relu_();
   }
   g[kFuse2W] = at::mm(dFm.t(), relu);
@@ -128,9 +134,16 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
   const at::Tensor dPx = at::mm(dpre.t(), x1f), dc0 = dpre.sum(0);
   dx1.view({BL, d}).addmm_(dpre, Px);
   at::Tensor dPl;
-  if (s.has_low) {
+  if (low.defined()) {  // dPl = dpre^T low; x1's part through low is P(dpre Pl), P = G F self-adjoint
+    dPl = at::mm(dpre.t(), low.view({BL, d}));
+    low.reset();
+    release(Z, s);
+    const at::Tensor dlow = at::mm(dpre, Pl).view({s.B, s.L, d});
+    dpre.reset();
+    dx1.add_(fem_low(dlow, s));
+  } else if (s.has_low) {
     // With A = F(dpre): dPl = dpre^T G(Z) = sum_k D_k A_k Z_k^T (G^T = D F), and x1's part through low,
-    // P(dpre Pl) with P = G F self-adjoint, is G(A Pl): two transforms, no B L-row GEMM.
+    // P(dpre Pl), is G(A Pl): two transforms, no B L-row GEMM.
     const at::Tensor A = fem_coefficients(dpre.view({s.B, s.L, 2 * d}), s);
     dpre.reset();
     dPl = as_dtype(fem_coefficient_pairing(A, Z, s), s.dt);

@@ -43,13 +43,13 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1, bool save) {
     return f;
   }
   if (s.fusion) {
-    // pre = x1 Px^T + low Pl^T + c0, the low-pass part as G(F(x1) Pl^T): Pl on the kept coefficients
+    // pre = x1 Px^T + low Pl^T + c0, low from the kept coefficients F(x1) (what the backward keeps)
     f.folded = fusion_weights(w);
     const Fusion& fw = f.folded;
     at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
     if (s.has_low) {
       f.low_coeffs = fem_coefficients(x1, s);
-      fem_synthesis_add(pre.view({s.B, s.L, 2 * d}), fem_coefficient_mix(f.low_coeffs, fw.Pl.t()), s);
+      fem_add_low_product(pre.view({s.B, s.L, 2 * d}), f.low_coeffs, fw.Pl, s);
       if (!save) f.low_coeffs.reset();
     }
     f.Fm = at::addmm(w(kFuse2B), pre.relu_(), w(kFuse2W).t()).view({s.B, s.L, d});
