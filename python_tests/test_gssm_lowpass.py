@@ -1,7 +1,8 @@
 """FEM's low-pass in gssm's C++ orchestration (csrc/ops/fem_lowpass.cpp): the backward keeps the mask's kept
 Fourier coefficients of x1 instead of low; in the DFT form (GMAMBA_GSSM_LOWPASS=dft, the CPU's default: DFT
-matrices and GEMMs) the fusion layer applies its channel map Pl to those coefficients, in the FFT form
-(=fft, CUDA's default: ATen's FFTs) it forms low from them where needed and keeps its GEMMs. Both forms run
+matrices and GEMMs) with float32 / float64 tokens the fusion layer applies its channel map Pl to those
+coefficients, in the FFT form (=fft, CUDA's default: ATen's FFTs) and with half-precision tokens it forms
+low from them where needed and keeps its GEMMs. Both forms run
 here on the CPU, so the branch a GPU takes is tested without one: against the Python composition (which
 forms low on the tokens) in float64 over variants, masks, save policies and sizes that keep 1 to several
 rows and columns; float64 gradcheck with the low-pass active; the size of what the forward saves; the
@@ -68,6 +69,23 @@ def test_forms_agree_in_float32(form, monkeypatch):
     got_out, got = outputs_and_grads(gssm, x.float(), q, [None], dout.float())
     torch.testing.assert_close(got_out.double(), want_out, rtol=1e-4, atol=1e-4)
     assert_grads_close([t.double() for t in got], want, 1e-4, scaled=True)
+
+
+@pytest.mark.parametrize("form", ["dft", "fft"])
+def test_bfloat16_keeps_the_gemms_and_agrees(form, monkeypatch):
+    # half-precision tokens take the branch that forms low from the saved coefficients in both forms
+    cfg, p, g = make(32, d_state=4)
+    x = inputs(cfg, 2, 16, 20, g)
+    dout = torch.randn(2, 16, 20, 32, generator=g, dtype=f64)
+    want_out, want = outputs_and_grads(gssm, x, p, [None], dout)  # float64
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
+    q = p.replace(**{n: getattr(p, n).bfloat16() for n in param_fields(p)})
+    got_out, got = outputs_and_grads(gssm, x.bfloat16(), q, [None], dout.bfloat16())
+    assert got_out.dtype == torch.bfloat16
+    torch.testing.assert_close(got_out.double(), want_out, rtol=0, atol=0.02 * want_out.abs().max().item())
+    for a, b in zip(got, want):  # the gradients' overall error, relative (bf16 rounds every intermediate)
+        if b is not None and b.norm() > 0:
+            assert (a.double() - b).norm() / b.norm() < 0.06  # 0.032 measured
 
 
 def test_forward_saves_coefficients_not_low(monkeypatch):

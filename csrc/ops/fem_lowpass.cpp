@@ -104,8 +104,8 @@ void check_tokens_for_lowpass(const at::Tensor& x, const Layout& s, const char* 
 
 // ---- the DFT-matrix form
 
-// Half-precision tokens go through the float32 products in slices of the B H rows, so that no float32 copy
-// of a whole (B, L, c) operand or product exists (the fusion layer's are 2d channels wide).
+// Half-precision tokens go through the analysis's first (float32) product in slices of the B H rows, so that
+// no float32 copy of the whole operand exists.
 constexpr int64_t kHalfSlices = 8;
 
 template <typename Fn>
@@ -145,15 +145,13 @@ std::pair<at::Tensor, DftMatrices> synthesis_rows_dft(const at::Tensor& Z, const
 
 void synthesis_add_dft(const at::Tensor& out, const at::Tensor& Z, const Layout& s) {
   TORCH_CHECK(out.is_contiguous(), "fem_synthesis_add: out must be contiguous");
+  const int64_t c = Z.size(4), BH = s.B * s.H;
   const auto [Y, m] = synthesis_rows_dft(Z, s);
-  const int64_t c = Z.size(4), ncol = Z.size(3), BH = s.B * s.H;
-  const at::Tensor rows = out.view({BH, s.W, c});
-  if (out.scalar_type() == Z.scalar_type()) {  // the last product accumulates in place
-    rows.baddbmm_(m.Gw.expand({BH, s.W, 2 * ncol}), Y);
-  } else {
-    over_row_slices(BH, [&](int64_t r0, int64_t n) {
-      rows.narrow(0, r0, n).add_(at::bmm(m.Gw.expand({n, s.W, 2 * ncol}), Y.narrow(0, r0, n)));
-    });
+  const at::Tensor Gw = m.Gw.expand({BH, s.W, Y.size(1)});
+  if (out.scalar_type() == Z.scalar_type()) {
+    out.view({BH, s.W, c}).baddbmm_(Gw, Y);  // the last product accumulates in place
+  } else {  // not on gssm's paths (Layout::product_on_coefficients): kept general
+    out.add_(at::bmm(Gw, Y).view(out.sizes()));
   }
 }
 
@@ -260,15 +258,6 @@ at::Tensor fem_synthesis(const at::Tensor& Z, const Layout& s) {
 at::Tensor fem_low(const at::Tensor& x, const Layout& s) {
   if (!s.has_low) return {};
   return fem_synthesis(fem_coefficients(x, s), s);
-}
-
-void fem_add_low_product(const at::Tensor& pre, const at::Tensor& Z, const at::Tensor& Pl, const Layout& s) {
-  if (s.B == 0) return;
-  if (s.lowpass_fft) {
-    pre.view({s.B * s.L, Pl.size(0)}).addmm_(fem_synthesis(Z, s).view({s.B * s.L, s.d}), Pl.t());
-  } else {
-    fem_synthesis_add(pre, fem_coefficient_mix(Z, Pl.t()), s);
-  }
 }
 
 }  // namespace gmamba::fused

@@ -65,6 +65,9 @@ struct Layout {
   // The backward ops may free saved tensors once read (their `consume` argument): see release().
   bool consume;
   bool lowpass_fft;  // FEM's low-pass as ATen FFTs rather than DFT matrices (lowpass_uses_fft)
+  // The fusion layer's low-pass product on the Fourier coefficients rather than on a low formed from them:
+  // the DFT form in float32 / float64 (fem_lowpass.cpp).
+  bool product_on_coefficients;
   at::ScalarType dt, acc;  // compute dtype (x's) and accumulation dtype
 
   int scan_index(int64_t k, ScanRole role) const { return kNumShared + kPerDirection * static_cast<int>(k) + role; }
@@ -127,10 +130,13 @@ struct Weights {
 // columns v < ncol: about L / 16 values per channel), G makes tokens of them. The backward of the fusion
 // layer keeps the coefficients of x1 instead of low. Layout::lowpass_fft picks the form: ATen's FFTs
 // (cuFFT; CUDA's default) or pruned DFT matrices and GEMMs (the CPU's). Channel products commute with F and
-// G, so in the DFT form the fusion layer applies Pl to the coefficients (fem_coefficient_mix) instead of to
-// B L token rows: three (B L, d) x (d, 2d) GEMMs per forward + backward become transforms of 2d channels.
-// The FFT form keeps those GEMMs on a low formed from the coefficients where needed: there each transform
-// is several launches of a host-bound call, while a GEMM is one (not yet measured on a GPU either way).
+// G, so with Layout::product_on_coefficients (the DFT form in float32 / float64) the fusion layer applies
+// Pl to the coefficients (fem_coefficient_mix) instead of to B L token rows: three (B L, d) x (d, 2d) GEMMs
+// per forward + backward become transforms of 2d channels. Otherwise the GEMMs stay, on a low formed from
+// the coefficients where needed: in the FFT form each transform is several launches of a host-bound call
+// while a GEMM is one (not yet measured on a GPU either way); with half-precision tokens the transforms run
+// in float32 while the GEMMs run in the half type (on the CPU the coefficient product made the bf16 forward
+// 15 % slower at C = 96, H = 128).
 // Whether the low-pass runs as ATen FFTs on `device`: GMAMBA_GSSM_LOWPASS=auto (or unset: off the CPU),
 // fft, or dft; read per call.
 bool lowpass_uses_fft(const c10::Device& device);
@@ -145,10 +151,8 @@ at::Tensor fem_coefficient_mix(const at::Tensor& Z, const at::Tensor& M);
 // <t_i, G(Z_j)> over all tokens for channels i of t and j of Z, from A = F(t): sum_k D_k A_ki Z_kj, (c_A, c_Z)
 // in the accumulation dtype (D: G's transpose is D F, fem_lowpass.cpp). The fusion layer's dPl = dpre^T low.
 at::Tensor fem_coefficient_pairing(const at::Tensor& A, const at::Tensor& Z, const Layout& s);
-// pre (B, L, 2d) += low Pl^T for low = G(Z), Pl (2d, d): G(Z Pl^T) in the DFT form, a GEMM in the FFT form.
-void fem_add_low_product(const at::Tensor& pre, const at::Tensor& Z, const at::Tensor& Pl, const Layout& s);
 // low = G(F(x)) in x's dtype; undefined when the mask is empty. The map is self-adjoint, so the backward of
-// dft_fgmm_ssm (Fm = low) and of the FFT form applies it to dlow as well.
+// dft_fgmm_ssm (Fm = low), and of the fusion layer without product_on_coefficients, applies it to dlow.
 at::Tensor fem_low(const at::Tensor& x, const Layout& s);
 
 // Tokens (B, L, d) in raster order into direction k's scan order (0 raster, 1 reversed, 2 column-major,

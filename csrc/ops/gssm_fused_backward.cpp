@@ -110,17 +110,17 @@ at::Tensor frequency_backward(const Weights& w, at::TensorList saved, const at::
     return dx1;
   }
   // Fm = relu(pre) W2^T + b2,  pre = x1 Px^T + low Pl^T + c0 (relu(pre) kept or recomputed), low = G(Z),
-  // Z = F(x1) the saved low-pass coefficients. The FFT form forms low here once (fem_lowpass.cpp: GEMMs, not
-  // more transforms, on a host-bound GPU); the DFT form stays on the coefficients.
+  // Z = F(x1) the saved low-pass coefficients. Without Layout::product_on_coefficients low is formed here
+  // once and the GEMMs stay (gssm_fused.h).
   const at::Tensor &Px = saved[kPx], &Pl = saved[kPl], &Z = saved[kLowCoeffs];
   const at::Tensor x1f = x1.view({BL, d});
-  at::Tensor low = s.has_low && s.lowpass_fft ? fem_synthesis(Z, s) : at::Tensor();
+  at::Tensor low = s.has_low && !s.product_on_coefficients ? fem_synthesis(Z, s) : at::Tensor();
   at::Tensor relu = s.keep_relu ? saved[kRelu] : at::addmm(saved[kC0], x1f, Px.t());
   if (!s.keep_relu) {
     if (low.defined()) {
       relu.addmm_(low.view({BL, d}), Pl.t());
     } else if (s.has_low) {
-      fem_add_low_product(relu.view({s.B, s.L, 2 * d}), Z, Pl, s);
+      fem_synthesis_add(relu.view({s.B, s.L, 2 * d}), fem_coefficient_mix(Z, Pl.t()), s);
     }
     relu.relu_();
   }

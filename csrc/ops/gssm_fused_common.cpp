@@ -50,9 +50,10 @@ Layout describe(int64_t B, at::ScalarType dt, const c10::Device& device, at::Ten
   s.single_dt_bias = single_dt_bias;
   s.keep_relu = s.keep_conv = false;  // set by the forward when it saves, and by the backward from what it saved
   s.consume = false;                  // set by the backward ops from their argument
-  s.lowpass_fft = lowpass_uses_fft(device);
   s.dt = dt;
   s.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  s.lowpass_fft = lowpass_uses_fft(device);
+  s.product_on_coefficients = !s.lowpass_fft && dt == s.acc;
   TORCH_CHECK_VALUE(params[kInProj].dim() == 2 && params[kInProj].size(0) == 2 * s.d,
                     "gssm: in_proj.weight must be (2d, C) with d = ", s.d, ", got ", params[kInProj].sizes());
   return s;

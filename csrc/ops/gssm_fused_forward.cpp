@@ -43,15 +43,23 @@ Frequency frequency_stages(const Weights& w, const at::Tensor& x1, bool save) {
     return f;
   }
   if (s.fusion) {
-    // pre = x1 Px^T + low Pl^T + c0, low from the kept coefficients F(x1) (what the backward keeps)
+    // pre = x1 Px^T + low Pl^T + c0 with low = G(Z), Z = F(x1) the kept coefficients (what the backward
+    // keeps): low Pl^T as G(Z Pl^T), or a GEMM on low formed before pre (gssm_fused.h)
     f.folded = fusion_weights(w);
     const Fusion& fw = f.folded;
-    at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
+    at::Tensor low;
     if (s.has_low) {
       f.low_coeffs = fem_coefficients(x1, s);
-      fem_add_low_product(pre.view({s.B, s.L, 2 * d}), f.low_coeffs, fw.Pl, s);
-      if (!save) f.low_coeffs.reset();
+      if (!s.product_on_coefficients) low = fem_synthesis(f.low_coeffs, s);
     }
+    at::Tensor pre = at::addmm(fw.c0, x1.view({BL, d}), fw.Px.t());
+    if (low.defined()) {
+      pre.addmm_(low.view({BL, d}), fw.Pl.t());
+      low.reset();
+    } else if (s.has_low) {
+      fem_synthesis_add(pre.view({s.B, s.L, 2 * d}), fem_coefficient_mix(f.low_coeffs, fw.Pl.t()), s);
+    }
+    if (!save) f.low_coeffs.reset();
     f.Fm = at::addmm(w(kFuse2B), pre.relu_(), w(kFuse2W).t()).view({s.B, s.L, d});
     if (s.keep_relu) f.relu = pre;
   } else {
