@@ -59,29 +59,21 @@ def test_gradcheck_with_the_low_pass(form, mask, monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["dft", "fft"])
-def test_forms_agree_in_float32(form, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_agrees_with_float64(form, dtype, monkeypatch):
+    # bf16 tokens take the branch that forms low from the saved coefficients and keeps the GEMMs, in both forms
     cfg, p, g = make(32, d_state=4)
     x = inputs(cfg, 2, 16, 20, g)
     dout = torch.randn(2, 16, 20, 32, generator=g, dtype=f64)
     want_out, want = outputs_and_grads(gssm, x, p, [None], dout)  # float64
     monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
-    q = p.replace(**{n: getattr(p, n).float() for n in param_fields(p)})
-    got_out, got = outputs_and_grads(gssm, x.float(), q, [None], dout.float())
-    torch.testing.assert_close(got_out.double(), want_out, rtol=1e-4, atol=1e-4)
-    assert_grads_close([t.double() for t in got], want, 1e-4, scaled=True)
-
-
-@pytest.mark.parametrize("form", ["dft", "fft"])
-def test_bfloat16_keeps_the_gemms_and_agrees(form, monkeypatch):
-    # half-precision tokens take the branch that forms low from the saved coefficients in both forms
-    cfg, p, g = make(32, d_state=4)
-    x = inputs(cfg, 2, 16, 20, g)
-    dout = torch.randn(2, 16, 20, 32, generator=g, dtype=f64)
-    want_out, want = outputs_and_grads(gssm, x, p, [None], dout)  # float64
-    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
-    q = p.replace(**{n: getattr(p, n).bfloat16() for n in param_fields(p)})
-    got_out, got = outputs_and_grads(gssm, x.bfloat16(), q, [None], dout.bfloat16())
-    assert got_out.dtype == torch.bfloat16
+    q = p.replace(**{n: getattr(p, n).to(dtype) for n in param_fields(p)})
+    got_out, got = outputs_and_grads(gssm, x.to(dtype), q, [None], dout.to(dtype))
+    assert got_out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_out.double(), want_out, rtol=1e-4, atol=1e-4)
+        assert_grads_close([t.double() for t in got], want, 1e-4, scaled=True)
+        return
     torch.testing.assert_close(got_out.double(), want_out, rtol=0, atol=0.02 * want_out.abs().max().item())
     for a, b in zip(got, want):  # the gradients' overall error, relative (bf16 rounds every intermediate)
         if b is not None and b.norm() > 0:
