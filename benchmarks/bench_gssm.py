@@ -6,6 +6,8 @@ separate the gain of the fusion from the gain of the scan; a third (fused_compos
 kernels and algebra orchestrated from Python, to separate the gain of the C++ orchestration. With
 --other-save-policy, fused_recompute (CPU) or fused_keep (GPU) is the fused path with the device's other
 GMAMBA_GSSM_SAVE policy: what keeping xz, x1, z1 and relu(pre) for the backward costs in memory and saves in time.
+With --other-lowpass, fused_fft_lowpass (CPU) or fused_dft_lowpass (GPU) is the fused path with the device's
+other GMAMBA_GSSM_LOWPASS form of FEM's low-pass (ATen FFTs or DFT-matrix GEMMs).
 
 Forward (no grad) and forward+backward (gradients of x and every parameter). Medians and interquartile
 ranges of wall-clock (CPU) or device-event (GPU) times after warm-up; peak memory of forward+backward and

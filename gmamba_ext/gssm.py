@@ -142,8 +142,9 @@ def _complex_from_blocks(prod: Tensor, rows: int, cols: int) -> Tensor:
 
 def _fem_low_dft(xf: Tensor, mask: str) -> Tensor:
     """The low-pass of xf (B, H, W, d) as pruned real DFT matrices and GEMMs, the matrices of the C++
-    orchestration's DFT form (csrc/ops/fem_lowpass.cpp, which explains them; it applies the fusion layer's
-    Pl to the coefficients instead of to low, so the two agree to rounding). Returns (B * H, W, d)."""
+    orchestration's DFT form (csrc/ops/fem_lowpass.cpp, which explains them; in float32 / float64 it applies
+    the fusion layer's Pl to the coefficients instead of to low, so the two agree to rounding). Returns
+    (B * H, W, d)."""
     B, H, W, d = xf.shape
     n, ncol = H // 4, (W // 2 + 1) // 4
     cols = ncol * d

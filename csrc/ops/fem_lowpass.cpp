@@ -1,6 +1,7 @@
 // FEM's low-pass low = irfft2(M rfft2(x)) in two halves, analysis F (x -> the mask's kept Fourier coefficients)
-// and synthesis G (coefficients -> tokens), so that the fusion layer's channel product Pl can act on the few
-// kept coefficients (about L / 16 per channel) instead of the B L token rows (gssm_fused.h).
+// and synthesis G (coefficients -> tokens), so that the backward can keep the few coefficients (about L / 16
+// per channel) instead of low, and the fusion layer's channel product Pl can act on them instead of on the
+// B L token rows (gssm_fused.h, Layout::product_on_coefficients).
 //
 // Two forms of the same maps, chosen by Layout::lowpass_fft:
 // - Pruned real DFT matrices and GEMMs (the CPU's default). Why: ATen's CPU FFTs of channels-last
@@ -20,7 +21,7 @@
 // The adjoint: G's transpose is D F with D the diagonal a_v / (H W) over columns (a_0 = 1, a_v = 2 above).
 // Along W, Gw^T = diag(a / W) Fw row for row (column 0's imaginary row is zero in both); along H, the real
 // form of G_U is the complex matrix e^{+2 pi i h u / H} / H, whose transpose in the real inner product is
-// its conjugate transpose, F_U / H. So <t, G(Z)> = sum_k D_k F(t)_k Z_k: fem_coeff_pairing.
+// its conjugate transpose, F_U / H. So <t, G(Z)> = sum_k D_k F(t)_k Z_k: fem_coefficient_pairing.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -147,12 +148,7 @@ void synthesis_add_dft(const at::Tensor& out, const at::Tensor& Z, const Layout&
   TORCH_CHECK(out.is_contiguous(), "fem_synthesis_add: out must be contiguous");
   const int64_t c = Z.size(4), BH = s.B * s.H;
   const auto [Y, m] = synthesis_rows_dft(Z, s);
-  const at::Tensor Gw = m.Gw.expand({BH, s.W, Y.size(1)});
-  if (out.scalar_type() == Z.scalar_type()) {
-    out.view({BH, s.W, c}).baddbmm_(Gw, Y);  // the last product accumulates in place
-  } else {  // not on gssm's paths (Layout::product_on_coefficients): kept general
-    out.add_(at::bmm(Gw, Y).view(out.sizes()));
-  }
+  out.view({BH, s.W, c}).baddbmm_(m.Gw.expand({BH, s.W, Y.size(1)}), Y);  // accumulates in place
 }
 
 // ---- the ATen FFT form, on channel slices of at most d
@@ -220,6 +216,7 @@ at::Tensor fem_coefficients(const at::Tensor& x, const Layout& s) {
 
 void fem_synthesis_add(const at::Tensor& out, const at::Tensor& Z, const Layout& s) {
   check_tokens_for_lowpass(out, s, "fem_synthesis_add");
+  TORCH_CHECK(out.scalar_type() == Z.scalar_type(), "fem_synthesis_add: out must have the coefficients' dtype");
   if (s.B == 0) return;
   if (s.lowpass_fft) {
     synthesis_add_fft(out, Z, s);
