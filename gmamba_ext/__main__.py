@@ -20,6 +20,17 @@ def _save_policy():
         f" (GMAMBA_GSSM_SAVE={policy})"
 
 
+def _lowpass_form():
+    from gmamba_ext.gssm_fused import lowpass_uses_fft
+
+    try:
+        forms = {d: "FFTs" if lowpass_uses_fft(torch.device(d)) else "DFT matrices" for d in ("cpu", "cuda")}
+    except ValueError as error:
+        return str(error)
+    form = os.environ.get("GMAMBA_GSSM_LOWPASS") or "auto"
+    return ", ".join(f"{d} {f}" for d, f in forms.items()) + f" (GMAMBA_GSSM_LOWPASS={form})"
+
+
 def main():
     print(f"gmamba_ext {gmamba_ext.__version__} (python {platform.python_version()}, torch {torch.__version__}, "
           f"torch CUDA {torch.version.cuda})")
@@ -40,6 +51,7 @@ def main():
         if getattr(info, "SANITIZE", None):
             print(f"built with -fsanitize={info.SANITIZE}: import with the sanitizer runtimes preloaded (README)")
     print(f"gssm keeps xz, x1, z1, relu(pre) for the backward: {_save_policy()}")
+    print(f"gssm's FEM low-pass runs as: {_lowpass_form()}")
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

@@ -110,6 +110,16 @@ def keeps_intermediates(device: torch.device) -> bool:
     return device.type == "cpu" if policy == "auto" else policy == "keep"
 
 
+def lowpass_uses_fft(device: torch.device) -> bool:
+    """Whether gssm's C++ ops run FEM's low-pass as ATen FFTs (cuFFT) on `device` rather than as DFT-matrix
+    GEMMs. GMAMBA_GSSM_LOWPASS: "auto" (or unset) takes FFTs off the CPU; "fft" or "dft" everywhere. Read by
+    every call. The C++ ops read it the same way (csrc/ops/fem_lowpass.cpp)."""
+    form = os.environ.get("GMAMBA_GSSM_LOWPASS") or "auto"
+    if form not in ("auto", "fft", "dft"):
+        raise ValueError(f"GMAMBA_GSSM_LOWPASS must be 'auto', 'fft' or 'dft', got {form!r}")
+    return device.type != "cpu" if form == "auto" else form == "fft"
+
+
 def _flags(variant, H, W):
     fusion = variant in ("full", "fem_ssm")
     fgmm = variant in ("full", "dft_fgmm_ssm")

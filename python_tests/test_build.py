@@ -26,18 +26,26 @@ def test_python_m_gmamba_ext_reports(capsys):
     assert "CPU kernels:" in out or not gmamba_ext.HAS_EXTENSION
 
 
-def test_python_m_gmamba_ext_reports_the_save_policy(capsys, monkeypatch):
+@pytest.mark.parametrize("name, prefix, cases", [
+    ("GMAMBA_GSSM_SAVE", "gssm keeps xz, x1, z1, relu(pre) for the backward",
+     ((None, "cpu yes, cuda no (recomputed) (GMAMBA_GSSM_SAVE=auto)"),
+      ("recompute", "cpu no (recomputed), cuda no (recomputed) (GMAMBA_GSSM_SAVE=recompute)"),
+      ("x", "GMAMBA_GSSM_SAVE must be 'auto', 'keep' or 'recompute', got 'x'"))),
+    ("GMAMBA_GSSM_LOWPASS", "gssm's FEM low-pass runs as",
+     ((None, "cpu DFT matrices, cuda FFTs (GMAMBA_GSSM_LOWPASS=auto)"),
+      ("fft", "cpu FFTs, cuda FFTs (GMAMBA_GSSM_LOWPASS=fft)"),
+      ("x", "GMAMBA_GSSM_LOWPASS must be 'auto', 'fft' or 'dft', got 'x'"))),
+])
+def test_python_m_gmamba_ext_reports_the_gssm_settings(capsys, monkeypatch, name, prefix, cases):
     from gmamba_ext.__main__ import main
 
-    for policy, line in ((None, "cpu yes, cuda no (recomputed) (GMAMBA_GSSM_SAVE=auto)"),
-                         ("recompute", "cpu no (recomputed), cuda no (recomputed) (GMAMBA_GSSM_SAVE=recompute)"),
-                         ("x", "GMAMBA_GSSM_SAVE must be 'auto', 'keep' or 'recompute', got 'x'")):
-        if policy is None:
-            monkeypatch.delenv("GMAMBA_GSSM_SAVE", raising=False)
+    for value, line in cases:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
         else:
-            monkeypatch.setenv("GMAMBA_GSSM_SAVE", policy)
+            monkeypatch.setenv(name, value)
         main()
-        assert f"gssm keeps xz, x1, z1, relu(pre) for the backward: {line}" in capsys.readouterr().out
+        assert f"{prefix}: {line}" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not gmamba_ext.HAS_EXTENSION, reason="no compiled extension")

@@ -283,18 +283,24 @@ def test_recompute_saves_xz_x1_z1_and_relu_less(variant, monkeypatch):
     assert sizes["auto"] == sizes["keep"]  # on the CPU
 
 
-def test_backward_follows_what_the_forward_kept(monkeypatch):
+def assert_variable_may_change_before_the_backward(monkeypatch, name, values, H=8, W=8):
+    """x's gradient is the composition's when the environment variable `name` takes one value for gssm's
+    forward and the other for its backward, both ways round."""
     cfg, p, g = make(16, d_state=4)
-    x = inputs(cfg, 2, 8, 8, g)
-    dout = torch.randn(2, 8, 8, cfg.d_model, generator=g, dtype=f64)
+    x = inputs(cfg, 2, H, W, g)
+    dout = torch.randn(2, H, W, cfg.d_model, generator=g, dtype=f64)
     want = outputs_and_grads(gssm_composition, x, p, [None], dout)[1]
-    for forward, backward in (("keep", "recompute"), ("recompute", "keep")):
-        monkeypatch.setenv("GMAMBA_GSSM_SAVE", forward)
+    for forward, backward in (values, values[::-1]):
+        monkeypatch.setenv(name, forward)
         xs = x.clone().requires_grad_()
         out = gssm(xs, p)
-        monkeypatch.setenv("GMAMBA_GSSM_SAVE", backward)
+        monkeypatch.setenv(name, backward)
         out.backward(dout)
         torch.testing.assert_close(xs.grad, want[0], rtol=1e-10, atol=1e-10)
+
+
+def test_backward_follows_what_the_forward_kept(monkeypatch):
+    assert_variable_may_change_before_the_backward(monkeypatch, "GMAMBA_GSSM_SAVE", ("keep", "recompute"))
 
 
 @pytest.mark.parametrize("policy", ["keep", "recompute"])

@@ -15,7 +15,8 @@ import torch
 from gmamba_ext.gssm import gssm, gssm_composition
 from gmamba_ext.ops import HAS_EXTENSION
 from gssm_helpers import make, param_fields
-from test_gssm_fused import assert_grads_close, inputs, outputs_and_grads
+from test_gssm_fused import (assert_grads_close, assert_variable_may_change_before_the_backward, inputs,
+                             outputs_and_grads)
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled extension is not built")
 f64 = torch.float64
@@ -78,6 +79,11 @@ def test_low_precision_agrees_with_float64(form, dtype, monkeypatch):
     for a, b in zip(got, want):  # the gradients' overall error, relative (bf16 rounds every intermediate)
         if b is not None and b.norm() > 0:
             assert (a.double() - b).norm() / b.norm() < 0.06  # 0.032 measured
+
+
+def test_form_may_change_between_forward_and_backward(monkeypatch):
+    # both forms save the same coefficients (layout, scaling), and each op reads the variable itself
+    assert_variable_may_change_before_the_backward(monkeypatch, "GMAMBA_GSSM_LOWPASS", ("dft", "fft"), 12, 10)
 
 
 def test_forward_saves_coefficients_not_low(monkeypatch):
