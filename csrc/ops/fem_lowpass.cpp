@@ -13,8 +13,8 @@
 //   1/W for v = 0, 2/W above; the mask never keeps the Nyquist column, and the imaginary part of column 0 has
 //   a zero weight, as in irfft).
 // - ATen's FFTs (cuFFT on CUDA; pocketfft where forced on the CPU), pruned to the ncol kept columns before
-//   the transform along H, run on at most d channels at a time so that a 2d-channel operand's transforms
-//   hold no more than a d-channel one's.
+//   the transform along H. gssm runs them on d-channel operands only (without product_on_coefficients no
+//   2d-channel operand is transformed), so their transients are those of the low-pass before the split.
 // Both give the coefficients in one layout, (B, U, 2, ncol, c) in the accumulation dtype: rows u in U (the
 // mask's order), [re ; im], columns v, channels.
 //
@@ -155,43 +155,28 @@ void synthesis_add_dft(const at::Tensor& out, const at::Tensor& Z, const Layout&
 
 at::Tensor coefficients_fft(const at::Tensor& x, const Layout& s) {
   const int64_t c = x.size(2), ncol = kept_columns(s), n = s.H / 4;
-  const int64_t U = kept_row_count(s);
-  at::Tensor Z = at::empty({s.B, U, 2, ncol, c}, x.options().dtype(s.acc));
-  for (int64_t c0 = 0; c0 < c; c0 += s.d) {
-    const int64_t cc = std::min(s.d, c - c0);
-    const at::Tensor xs = as_dtype(x.narrow(2, c0, cc), s.acc).reshape({s.B, s.H, s.W, cc});
-    // Pruned: only the ncol kept columns go through the FFT along H.
-    const at::Tensor X = at::fft_fft(at::fft_rfft(xs, std::nullopt, 2).narrow(2, 0, ncol), std::nullopt, 1);
-    const at::Tensor kept = s.corner ? X.narrow(1, 0, n)
-                                     : at::cat({X.narrow(1, 0, (n + 1) / 2), X.narrow(1, s.H - n / 2, n / 2)}, 1);
-    Z.narrow(4, c0, cc).copy_(at::view_as_real(kept).permute({0, 1, 4, 2, 3}));  // [re ; im] in one pass
-  }
-  return Z;
+  const at::Tensor xs = as_dtype(x, s.acc).reshape({s.B, s.H, s.W, c});
+  // Pruned: only the ncol kept columns go through the FFT along H.
+  const at::Tensor X = at::fft_fft(at::fft_rfft(xs, std::nullopt, 2).narrow(2, 0, ncol), std::nullopt, 1);
+  const at::Tensor kept = s.corner ? X.narrow(1, 0, n)
+                                   : at::cat({X.narrow(1, 0, (n + 1) / 2), X.narrow(1, s.H - n / 2, n / 2)}, 1);
+  return at::view_as_real(kept).permute({0, 1, 4, 2, 3}).contiguous();  // [re ; im] in one pass
 }
 
-// G of the coefficients' channels [c0, c0 + cc): (B, L, cc) in the accumulation dtype.
-at::Tensor synthesis_fft(const at::Tensor& Z, int64_t c0, int64_t cc, const Layout& s) {
-  const int64_t U = Z.size(1), n = s.H / 4;
-  const at::Tensor slice = Z.narrow(4, c0, cc);
-  const at::Tensor kept = at::complex(slice.select(2, 0), slice.select(2, 1));  // (B, U, ncol, cc)
+// G(Z): (B, L, c) in the accumulation dtype.
+at::Tensor synthesis_fft(const at::Tensor& Z, const Layout& s) {
+  const int64_t U = Z.size(1), c = Z.size(4), n = s.H / 4;
+  const at::Tensor kept = at::complex(Z.select(2, 0), Z.select(2, 1));  // (B, U, ncol, c)
   at::Tensor Y;
   if (s.corner) {
     Y = at::fft_ifft(kept, s.H, 1);  // the kept rows u < n, zero-padded to H
   } else {  // rows u < ceil(n/2), then u >= H - floor(n/2), in place in a zero spectrum
-    at::Tensor full = at::zeros({s.B, s.H, kept.size(2), cc}, kept.options());
+    at::Tensor full = at::zeros({s.B, s.H, kept.size(2), c}, kept.options());
     full.narrow(1, 0, (n + 1) / 2).copy_(kept.narrow(1, 0, (n + 1) / 2));
     if (n / 2 > 0) full.narrow(1, s.H - n / 2, n / 2).copy_(kept.narrow(1, (n + 1) / 2, U - (n + 1) / 2));
     Y = at::fft_ifft(full, std::nullopt, 1);
   }
-  return at::fft_irfft(Y, s.W, 2).reshape({s.B, s.L, cc});  // zero-pads the ncol columns to W / 2 + 1
-}
-
-void synthesis_add_fft(const at::Tensor& out, const at::Tensor& Z, const Layout& s) {
-  const int64_t c = Z.size(4);
-  for (int64_t c0 = 0; c0 < c; c0 += s.d) {
-    const int64_t cc = std::min(s.d, c - c0);
-    out.narrow(2, c0, cc).add_(synthesis_fft(Z, c0, cc, s));
-  }
+  return at::fft_irfft(Y, s.W, 2).reshape({s.B, s.L, c});  // zero-pads the ncol columns to W / 2 + 1
 }
 
 }  // namespace
@@ -217,12 +202,9 @@ at::Tensor fem_coefficients(const at::Tensor& x, const Layout& s) {
 void fem_synthesis_add(const at::Tensor& out, const at::Tensor& Z, const Layout& s) {
   check_tokens_for_lowpass(out, s, "fem_synthesis_add");
   TORCH_CHECK(out.scalar_type() == Z.scalar_type(), "fem_synthesis_add: out must have the coefficients' dtype");
+  TORCH_CHECK(!s.lowpass_fft, "fem_synthesis_add: only the DFT form accumulates (Layout::product_on_coefficients)");
   if (s.B == 0) return;
-  if (s.lowpass_fft) {
-    synthesis_add_fft(out, Z, s);
-  } else {
-    synthesis_add_dft(out, Z, s);
-  }
+  synthesis_add_dft(out, Z, s);
 }
 
 at::Tensor fem_coefficient_mix(const at::Tensor& Z, const at::Tensor& M) {
@@ -242,12 +224,7 @@ at::Tensor fem_coefficient_pairing(const at::Tensor& A, const at::Tensor& Z, con
 at::Tensor fem_synthesis(const at::Tensor& Z, const Layout& s) {
   const int64_t c = Z.size(4);
   if (s.B == 0) return at::zeros({0, s.L, c}, Z.options().dtype(s.dt));
-  if (s.lowpass_fft) {
-    if (c <= s.d) return as_dtype(synthesis_fft(Z, 0, c, s), s.dt).contiguous();
-    at::Tensor low = at::zeros({s.B, s.L, c}, Z.options());
-    synthesis_add_fft(low, Z, s);
-    return as_dtype(low, s.dt);
-  }
+  if (s.lowpass_fft) return as_dtype(synthesis_fft(Z, s), s.dt).contiguous();
   const auto [Y, m] = synthesis_rows_dft(Z, s);
   return as_dtype(at::bmm(m.Gw.expand({s.B * s.H, s.W, Y.size(1)}), Y).view({s.B, s.L, c}), s.dt);
 }

@@ -144,7 +144,8 @@ bool lowpass_uses_fft(const c10::Device& device);
 at::Tensor fem_coefficients(const at::Tensor& x, const Layout& s);
 // G(Z): tokens (B, L, c) in the compute dtype.
 at::Tensor fem_synthesis(const at::Tensor& Z, const Layout& s);
-// out (B, L, c) += G(Z), in place; out has Z's dtype (the accumulation dtype).
+// out (B, L, c) += G(Z), in place; out has Z's dtype (the accumulation dtype). The DFT form only (what
+// Layout::product_on_coefficients uses).
 void fem_synthesis_add(const at::Tensor& out, const at::Tensor& Z, const Layout& s);
 // The channel product Z M for M (c, c'): coefficients with c' channels.
 at::Tensor fem_coefficient_mix(const at::Tensor& Z, const at::Tensor& M);
