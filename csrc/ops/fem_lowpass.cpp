@@ -151,7 +151,7 @@ void synthesis_add_dft(const at::Tensor& out, const at::Tensor& Z, const Layout&
   out.view({BH, s.W, c}).baddbmm_(m.Gw.expand({BH, s.W, Y.size(1)}), Y);  // accumulates in place
 }
 
-// ---- the ATen FFT form, on channel slices of at most d
+// ---- the ATen FFT form
 
 at::Tensor coefficients_fft(const at::Tensor& x, const Layout& s) {
   const int64_t c = x.size(2), ncol = kept_columns(s), n = s.H / 4;
