@@ -31,6 +31,18 @@ def _lowpass_form():
     return ", ".join(f"{d} {f}" for d, f in forms.items()) + f" (GMAMBA_GSSM_LOWPASS={form})"
 
 
+def _finite_checks():
+    from gmamba_ext.finite_checks import finite_checks_enabled
+
+    try:
+        on = finite_checks_enabled()
+    except ValueError as error:
+        return str(error)
+    mode = os.environ.get("GMAMBA_CHECK_FINITE") or "auto"
+    when = {"auto": "under torch.autograd.detect_anomaly", "always": "every call", "never": "off"}[mode]
+    return f"{'on' if on else 'off'} now, {when} (GMAMBA_CHECK_FINITE={mode})"
+
+
 def main():
     print(f"gmamba_ext {gmamba_ext.__version__} (python {platform.python_version()}, torch {torch.__version__}, "
           f"torch CUDA {torch.version.cuda})")
@@ -52,6 +64,7 @@ def main():
             print(f"built with -fsanitize={info.SANITIZE}: import with the sanitizer runtimes preloaded (README)")
     print(f"gssm keeps xz, x1, z1, relu(pre) for the backward: {_save_policy()}")
     print(f"gssm's FEM low-pass runs as: {_lowpass_form()}")
+    print(f"NaN / inf checks of the inputs: {_finite_checks()}")
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

@@ -34,6 +34,7 @@ from torch import Tensor
 from .gssm_ops import conv_silu, fgmm
 from .gssm_reference import (GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, _validate,
                               fem_low_mask)
+from .finite_checks import check_finite, finite_checks_enabled
 from .gssm_fused import gssm_fused
 from .ops import _BATCHED_BACKWARD, _has_kernel, _traced_or_batched, selective_scan_channels_last
 from .reference import accumulation_dtype
@@ -98,6 +99,15 @@ def _check_devices(sd: Mapping[str, Tensor], device: torch.device) -> None:
         if t.device != device:
             raise ValueError(f"gssm: parameter '{key}' is on {t.device} but x is on {device}; move the "
                              f"parameters to x's device")
+
+
+def _named_inputs(x: Tensor, sd: Mapping[str, Tensor], states: List[Optional[Tensor]]):
+    """(name, tensor) pairs for the finite checks."""
+    yield "x", x
+    for key, t in sd.items():
+        yield f"parameter '{key}'", t
+    for k, t in enumerate(states):
+        yield f"initial_state[{k}]", t
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -240,6 +250,8 @@ def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_b
         raise ValueError(f"gssm: x must be a tensor, got {type(x).__name__}")
     _check_devices(sd, x.device)
     states = _initial_states(initial_state, config.n_directions)
+    if finite_checks_enabled():
+        check_finite("gssm", _named_inputs(x, sd, states))
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)

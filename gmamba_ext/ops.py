@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .finite_checks import check_finite, finite_checks_enabled
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "CHUNK"]
 
@@ -71,6 +72,9 @@ def _weight(value, name: str, acc: torch.dtype, optional: bool = False) -> Optio
     return t.to(acc).contiguous()
 
 
+_ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
 def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, channels_last):
     u = _require_tensor(u, "u")
     if not u.is_floating_point():
@@ -81,6 +85,8 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
     args = (u.contiguous(), delta, _weight(A, "A", acc), _weight(B, "B", acc), _weight(C, "C", acc),
             _weight(D, "D", acc, True), None if z is None else z.contiguous(),
             _weight(delta_bias, "delta_bias", acc, True), _weight(initial_state, "initial_state", acc, True))
+    if finite_checks_enabled():
+        check_finite("selective_scan", ((f"argument '{name}'", t) for name, t in zip(_ARG_NAMES, args)))
     if _has_kernel(u.device):
         flags = (bool(delta_softplus), bool(channels_last))
         if torch.is_grad_enabled() and not _traced_or_batched() and any(

@@ -35,6 +35,10 @@ def test_python_m_gmamba_ext_reports(capsys):
      ((None, "cpu DFT matrices, cuda FFTs (GMAMBA_GSSM_LOWPASS=auto)"),
       ("fft", "cpu FFTs, cuda FFTs (GMAMBA_GSSM_LOWPASS=fft)"),
       ("x", "GMAMBA_GSSM_LOWPASS must be 'auto', 'fft' or 'dft', got 'x'"))),
+    ("GMAMBA_CHECK_FINITE", "NaN / inf checks of the inputs",
+     ((None, "off now, under torch.autograd.detect_anomaly (GMAMBA_CHECK_FINITE=auto)"),
+      ("always", "on now, every call (GMAMBA_CHECK_FINITE=always)"),
+      ("x", "GMAMBA_CHECK_FINITE must be one of ('auto', 'always', 'never'), got 'x'"))),
 ])
 def test_python_m_gmamba_ext_reports_the_gssm_settings(capsys, monkeypatch, name, prefix, cases):
     from gmamba_ext.__main__ import main
