@@ -98,6 +98,22 @@ def test_forward_saves_coefficients_not_low(monkeypatch):
     assert coeffs.numel() * 16 <= B * H * W * cfg.d  # about L / 16 values per channel, not low's L
 
 
+def test_cached_dft_matrices_made_under_inference_mode_serve_training(monkeypatch):
+    # The CPU keeps the DFT form's matrices per (H, W, mask, dtype) (fem_lowpass.cpp); this size is the
+    # suite's only one, so an inference call makes them and the training call after it reuses them.
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", "dft")
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 2, 17, 19, g)
+    dout = torch.randn(2, 17, 19, cfg.d_model, generator=g, dtype=f64)
+    with torch.inference_mode():
+        inferred = gssm(x, p)
+    got_out, got = outputs_and_grads(gssm, x, p, [None], dout)
+    want_out, want = outputs_and_grads(gssm_composition, x, p, [None], dout)
+    torch.testing.assert_close(inferred, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+    assert_grads_close(got, want)
+
+
 def test_bad_form_is_refused(monkeypatch):
     cfg, p, g = make(16, d_state=4)
     x = inputs(cfg, 1, 8, 8, g)

@@ -23,10 +23,12 @@
 // form of G_U is the complex matrix e^{+2 pi i h u / H} / H, whose transpose in the real inner product is
 // its conjugate transpose, F_U / H. So <t, G(Z)> = sum_k D_k F(t)_k Z_k: fem_coefficient_pairing.
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -98,6 +100,36 @@ DftMatrices dft_matrices(const Layout& s, const at::TensorOptions& acc) {
           at::cat({cw.t() * weight, -sw.t() * weight}, 1).to(acc)};
 }
 
+// dft_matrices through a small cache on the CPU: they depend only on (H, W, mask, dtype), and building them
+// takes about 25 small ATen calls, made by each half of the low-pass (four or more times per forward +
+// backward). Not on other devices: a cache filled while a CUDA graph is being captured would keep matrices
+// whose kernels never ran. Callers get their own copy of the handles; nobody writes the matrices.
+DftMatrices cached_dft_matrices(const Layout& s, const at::TensorOptions& acc) {
+  if (!acc.device().is_cpu()) return dft_matrices(s, acc);
+  struct Entry {
+    int64_t H, W;
+    bool corner;
+    at::ScalarType dtype;
+    DftMatrices m;
+  };
+  constexpr size_t kEntries = 16;
+  static std::mutex mutex;
+  static std::vector<Entry> entries;  // most recently used last
+  const at::ScalarType dtype = c10::typeMetaToScalarType(acc.dtype());
+  std::lock_guard<std::mutex> lock(mutex);
+  auto hit = std::find_if(entries.begin(), entries.end(), [&](const Entry& e) {
+    return e.H == s.H && e.W == s.W && e.corner == s.corner && e.dtype == dtype;
+  });
+  if (hit == entries.end()) {
+    const c10::InferenceMode normal_tensors(false);  // not inference tensors, even if this caller runs in that mode
+    if (entries.size() == kEntries) entries.erase(entries.begin());
+    entries.push_back({s.H, s.W, s.corner, dtype, dft_matrices(s, acc)});
+  } else {
+    std::rotate(hit, hit + 1, entries.end());
+  }
+  return entries.back().m;
+}
+
 void check_tokens_for_lowpass(const at::Tensor& x, const Layout& s, const char* what) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == s.B && x.size(1) == s.L, what, ": tokens must be (B, L, c) = (", s.B,
               ", ", s.L, ", c), got ", x.sizes());
@@ -117,7 +149,7 @@ void over_row_slices(int64_t rows, Fn&& fn) {
 
 at::Tensor coefficients_dft(const at::Tensor& x, const Layout& s) {
   const int64_t c = x.size(2), ncol = kept_columns(s), cols = ncol * c, BH = s.B * s.H;
-  const DftMatrices m = dft_matrices(s, x.options().dtype(s.acc));
+  const DftMatrices m = cached_dft_matrices(s, x.options().dtype(s.acc));
   const int64_t U = m.FUr.size(0);
   const at::Tensor rows = x.reshape({BH, s.W, c});
   at::Tensor Xw;  // x's DFT along W at the kept columns, [re | im] per (b, h)
@@ -138,7 +170,7 @@ at::Tensor coefficients_dft(const at::Tensor& x, const Layout& s) {
 // Y = G_U Z: (B H, 2 ncol, c), and the matrices for the last product.
 std::pair<at::Tensor, DftMatrices> synthesis_rows_dft(const at::Tensor& Z, const Layout& s) {
   const int64_t U = Z.size(1), ncol = Z.size(3), c = Z.size(4), cols = ncol * c;
-  DftMatrices m = dft_matrices(s, Z.options());
+  DftMatrices m = cached_dft_matrices(s, Z.options());
   at::Tensor Y = at::empty({s.B * s.H, 2 * ncol, c}, Z.options());
   complex_product_into(Y.view({s.B, s.H, 2 * cols}), m.GUr, m.GUi, Z.reshape({s.B, U, 2 * cols}));
   return {Y, std::move(m)};
