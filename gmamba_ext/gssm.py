@@ -35,6 +35,7 @@ from .gssm_ops import conv_silu, fgmm
 from .gssm_reference import (GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, _validate,
                               fem_low_mask)
 from .finite_checks import check_finite, finite_checks_enabled
+from .functorch_rules import functorch_active
 from .gssm_fused import gssm_fused
 from .ops import _BATCHED_BACKWARD, _has_kernel, _traced_or_batched, selective_scan_channels_last
 from .reference import accumulation_dtype
@@ -284,6 +285,12 @@ def composition_only():
         _BATCHED_BACKWARD.on = previous
 
 
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc + a b: in place (no copy of acc), except under functorch transforms, where addmm_ has no batching
+    rule (vmap would run it once per index) and out of place costs nothing more."""
+    return torch.addmm(acc, a, b) if functorch_active() else acc.addmm_(a, b)
+
+
 def _composition(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:
     C, d = config.d_model, config.d
     B, H, W, _ = h.shape
@@ -309,7 +316,7 @@ def _composition(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List
             Px, Pl, c0 = _fem_fusion_weights(p, d)
             pre = torch.addmm(c0, x1.reshape(B * L, d), Px.t())
             if low is not None:  # in place: an out-of-place addmm copies its (B L, d) input first
-                pre = pre.addmm_(low.reshape(B * L, d), Pl.t())
+                pre = _add_product(pre, low.reshape(B * L, d), Pl.t())
             Fm = F.linear(F.relu(pre), p("freq_ssm.freq_fusion.2.weight"),
                           p("freq_ssm.freq_fusion.2.bias")).reshape(B, L, d)
         if variant == "fem_ssm":
@@ -348,5 +355,5 @@ def _composition(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List
     # 8. out_proj on [y | z1] without concatenating; the second product is added in place (an out-of-place
     # addmm copied the (B L, C) first product: 10 ms of a 220 ms CPU forward + backward at C = 96, H = 128)
     w_y, w_z = p("out_proj.weight").split(d, dim=1)
-    out = F.linear(y.reshape(B * L, d), w_y).addmm_(z1.reshape(B * L, d), w_z.t())
+    out = _add_product(F.linear(y.reshape(B * L, d), w_y), z1.reshape(B * L, d), w_z.t())
     return out.reshape(B, H, W, C)

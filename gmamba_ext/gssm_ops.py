@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .functorch_rules import functorch_active, functorch_function, register_fold_rule, register_loop_rule
 from .ops import _OPS, HAS_EXTENSION, _has_kernel
 from .reference import accumulation_dtype
 
@@ -29,7 +30,7 @@ def conv_silu(xz: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]
     b = _acc(bias, xz)
     xz = xz.contiguous()
     if _has_kernel(xz.device):
-        return torch.ops.gmamba_ext.conv_silu_fwd(xz, w, b)
+        return (_ConvFunctorch.apply if functorch_active() else torch.ops.gmamba_ext.conv_silu_fwd)(xz, w, b)
     return conv_silu_torch(xz, w, b)
 
 
@@ -57,7 +58,7 @@ def fgmm(x1: Tensor, f: Tensor, c: Tensor, gate_logit: Tensor, w1: Tensor, b1: T
     args = (x1.contiguous(), f.contiguous(), c.contiguous(), gate_logit.contiguous(), w1, _acc(b1, x1), w2,
             _acc(b2, x1), ratio.reshape(()).to(acc))
     if _has_kernel(x1.device):
-        return torch.ops.gmamba_ext.fgmm_fwd(*args)
+        return (_FgmmFunctorch.apply if functorch_active() else torch.ops.gmamba_ext.fgmm_fwd)(*args)
     return fgmm_torch(*args)
 
 
@@ -119,3 +120,14 @@ if HAS_EXTENSION:
         return tuple(torch.ops.gmamba_ext.fgmm_bwd(dx2, x1, f, c, gate_logit, s, a, g, w1, b1, w2, b2, ratio))
 
     torch.library.register_autograd(_OPS + "fgmm_fwd", _fgmm_backward, setup_context=_fgmm_setup)
+
+    # torch.func (functorch_rules.py): Functions functorch accepts, and batching rules; xz, and x1, f, c,
+    # gate_logit lead with the batch, the weights do not.
+    _ConvFunctorch = functorch_function("_ConvFunctorch", torch.ops.gmamba_ext.conv_silu_fwd, _conv_setup,
+                                        _conv_backward)
+    _FgmmFunctorch = functorch_function("_FgmmFunctorch", torch.ops.gmamba_ext.fgmm_fwd, _fgmm_setup,
+                                        _fgmm_backward)
+    register_fold_rule(torch.ops.gmamba_ext.conv_silu_fwd.default, lambda n: (True, False, False))
+    register_fold_rule(torch.ops.gmamba_ext.fgmm_fwd.default, lambda n: (True,) * 4 + (False,) * 5)
+    register_loop_rule(torch.ops.gmamba_ext.conv_silu_bwd.default)
+    register_loop_rule(torch.ops.gmamba_ext.fgmm_bwd.default)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import reference
 from .finite_checks import check_finite, finite_checks_enabled
+from .functorch_rules import functorch_active, functorch_function, register_fold_rule, register_loop_rule
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "CHUNK"]
 
@@ -89,7 +90,9 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
         check_finite("selective_scan", ((f"argument '{name}'", t) for name, t in zip(_ARG_NAMES, args)))
     if _has_kernel(u.device):
         flags = (bool(delta_softplus), bool(channels_last))
-        if torch.is_grad_enabled() and not _traced_or_batched() and any(
+        if functorch_active():
+            out, last_state, _ = _ScanFunctorch.apply(*args, *flags)
+        elif torch.is_grad_enabled() and not _traced_or_batched() and any(
                 t is not None and t.requires_grad for t in args):
             out, last_state, _ = _ScanFunction.apply(*args, *flags)
         else:
@@ -166,6 +169,14 @@ if HAS_EXTENSION:
                 dinitial_state if initial_state is not None else None, None, None)
 
     torch.library.register_autograd(_OPS + "selective_scan_fwd", _backward, setup_context=_setup_context)
+
+    # torch.func: the same autograd as a Function functorch accepts, and batching rules (functorch_rules.py).
+    # In the forward, u, delta, z, initial_state and a variable (3-D or 4-D) B / C lead with the batch.
+    _ScanFunctorch = functorch_function("_ScanFunctorch", torch.ops.gmamba_ext.selective_scan_fwd, _setup_context,
+                                        _backward)
+    register_fold_rule(torch.ops.gmamba_ext.selective_scan_fwd.default, lambda n: (
+        True, True, False, n[3] >= 3, n[4] >= 3, False, n[6] is not None, False, n[8] is not None, False, False))
+    register_loop_rule(torch.ops.gmamba_ext.selective_scan_bwd.default)
 
     class _ScanFunction(torch.autograd.Function):
         """The op's registered autograd (same setup, same backward) as a plain autograd.Function for eager
