@@ -144,3 +144,23 @@ def test_gssm_per_sample_gradients():
         torch.testing.assert_close(got_x[i], grads[0], rtol=1e-11, atol=1e-12)
         for n, want in zip(names, grads[1:]):
             torch.testing.assert_close(got_w[n][i], want, rtol=1e-11, atol=1e-12, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gssm_per_sample_gradients_on_cuda():
+    cfg, p, xs = gssm_case()
+    names = param_fields(p)
+    on_cuda = p.replace(**{n: getattr(p, n).float().cuda() for n in names})
+
+    def per_sample(params, xs):
+        weights = {n: getattr(params, n) for n in names}
+
+        def loss(ws, x):
+            return gssm(x[None], params.replace(**ws)).square().sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(weights, xs)
+
+    got = per_sample(on_cuda, xs.float().cuda())
+    want = per_sample(p, xs)  # float64 on the CPU
+    for n in names:
+        torch.testing.assert_close(got[n].cpu().double(), want[n], rtol=2e-3, atol=2e-3, msg=n)
