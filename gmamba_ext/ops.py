@@ -76,6 +76,15 @@ def _weight(value, name: str, acc: torch.dtype, optional: bool = False) -> Optio
 _ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
+def _check_one_device(args) -> None:
+    """The kernels' device check (scan_host.cpp), for the reference fallback: ATen's own error there names
+    no argument."""
+    for name, t in zip(_ARG_NAMES, args):
+        if t is not None and t.device != args[0].device:
+            raise ValueError(f"selective_scan: argument '{name}' is on {t.device} but 'u' is on {args[0].device}; "
+                             f"move all inputs to one device")
+
+
 def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, channels_last):
     u = _require_tensor(u, "u")
     if not u.is_floating_point():
@@ -98,6 +107,7 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
         else:
             out, last_state, _ = torch.ops.gmamba_ext.selective_scan_fwd(*args, *flags)
     else:  # no compiled kernel for this device: the reference computes the same function
+        _check_one_device(args)
         out, last_state = reference.selective_scan_ref(*args[:8], delta_softplus=delta_softplus,
                                                        return_last_state=True, initial_state=args[8],
                                                        channels_last=channels_last)

@@ -119,6 +119,15 @@ def test_non_tensor_arguments_raise_type_error_naming_argument(name, value):
         call(**{name: value})
 
 
+@pytest.mark.parametrize("name", ["delta", "A", "B", "D", "z", "initial_state"])
+def test_mixed_devices_on_the_reference_fallback_name_the_argument(name):
+    """Devices without a kernel (here 'meta') run the reference: it checks devices as the kernels do."""
+    kw = dict(inputs(), D=torch.randn(d), z=torch.randn(b, d, L), initial_state=torch.randn(b, d, N))
+    kw = {k: v if k == name else v.to("meta") for k, v in kw.items()}
+    with pytest.raises(ValueError, match=rf"argument '{name}' is on cpu but 'u' is on meta"):
+        ss(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw)
+
+
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 def test_error_messages_name_the_op(layout):
     with pytest.raises(ValueError, match=r"^selective_scan: "):
