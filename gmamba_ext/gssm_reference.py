@@ -371,7 +371,8 @@ def _detect_prefix(keys: List[str]) -> str:
 
 def _validate(sd: Dict[str, Tensor], config: GSSMConfig, what: str) -> None:
     shapes = expected_shapes(config)
-    if len(sd) == len(shapes) and all(isinstance(t, torch.Tensor) and t.shape == shapes.get(k) for k, t in sd.items()):
+    if len(sd) == len(shapes) and all(isinstance(t, torch.Tensor) and t.shape == shapes.get(k) and t.is_floating_point()
+                                      for k, t in sd.items()):
         return  # the common case, checked in one pass; the lists below name what is wrong otherwise
     present = {k for k, v in sd.items() if v is not None}
     missing = [k for k in shapes if k not in present]
@@ -379,7 +380,8 @@ def _validate(sd: Dict[str, Tensor], config: GSSMConfig, what: str) -> None:
     mismatched = [f"{k}: expected {tuple(shapes[k])}, got {tuple(sd[k].shape)}"
                   for k in shapes if k in present and tuple(sd[k].shape) != tuple(shapes[k])]
     not_tensor = [k for k in present if not isinstance(sd[k], torch.Tensor)]
-    if missing or unexpected or mismatched or not_tensor:
+    not_float = sorted(k for k in present if isinstance(sd[k], torch.Tensor) and not sd[k].is_floating_point())
+    if missing or unexpected or mismatched or not_tensor or not_float:
         parts = []
         if missing:
             parts.append(f"missing keys: {missing}")
@@ -389,6 +391,8 @@ def _validate(sd: Dict[str, Tensor], config: GSSMConfig, what: str) -> None:
             parts.append(f"shape mismatches: {mismatched}")
         if not_tensor:
             parts.append(f"not tensors: {sorted(not_tensor)}")
+        if not_float:
+            parts.append(f"not floating point: {[f'{k} ({sd[k].dtype})' for k in not_float]}")
         raise ValueError(f"GSSM parameters from {what} do not match {config}: " + "; ".join(parts))
 
 
