@@ -50,7 +50,8 @@ _BATCHED_BACKWARD = threading.local()
 
 def _traced_or_batched() -> bool:
     """True under torch.compile, functorch transforms (vmap, grad, jvp) or a batched backward: these see the
-    ops' registered autograd (and the gssm its Python composition); plain eager calls take faster routes."""
+    ops' registered autograd, or under functorch the same as Functions it accepts (functorch_rules.py), and
+    gssm its Python composition; plain eager calls take faster routes."""
     return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
             or getattr(_BATCHED_BACKWARD, "on", False))
 
