@@ -197,11 +197,11 @@ def _fem_fusion_weights(p, d: int):
     sl = torch.sigmoid(p("freq_ssm.low_freq_weight"))
     sh = torch.sigmoid(p("freq_ssm.high_freq_weight"))
     Whp, Wlp = p("freq_ssm.high_freq_proj.weight"), p("freq_ssm.low_freq_proj.weight")
-    hp = sh * (W1c @ Whp)
-    Px = W1a + hp
-    Pl = sl * (W1b @ Wlp) - hp
-    c0 = p("freq_ssm.freq_fusion.0.bias") + sl * (W1b @ p("freq_ssm.low_freq_proj.bias")) \
-        + sh * (W1c @ p("freq_ssm.high_freq_proj.bias"))
+    hp = W1c @ Whp  # before the factor sh; the same operations as the C++ fold, so the same rounding
+    Px = torch.addcmul(W1a, sh, hp)
+    Pl = torch.addcmul(sl * (W1b @ Wlp), sh, hp, value=-1)
+    c0 = torch.addcmul(torch.addcmul(p("freq_ssm.freq_fusion.0.bias"), sl, W1b @ p("freq_ssm.low_freq_proj.bias")),
+                       sh, W1c @ p("freq_ssm.high_freq_proj.bias"))
     return Px, Pl, c0
 
 
