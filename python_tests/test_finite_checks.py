@@ -7,29 +7,21 @@ import pytest
 import torch
 
 import gmamba_ext
+from conftest import DIFF_NAMES, case, make_inputs, run_op
 from gmamba_ext.gssm import gssm_composition
 from gssm_helpers import make
 
-b, d, L, N = 2, 4, 10, 3
-SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def scan_inputs(layout, device="cpu"):
-    g = torch.Generator().manual_seed(0)
-    xs = (b, d, L) if layout == "cf" else (b, L, d)
-    bc = (b, N, L) if layout == "cf" else (b, L, N)
-    t = dict(u=torch.randn(xs, generator=g), delta=0.1 * torch.rand(xs, generator=g),
-             A=-torch.rand(d, N, generator=g), B=torch.randn(bc, generator=g), C=torch.randn(bc, generator=g),
-             D=torch.randn(d, generator=g), z=torch.randn(xs, generator=g), delta_bias=torch.rand(d, generator=g),
-             initial_state=torch.randn(b, d, N, generator=g))
-    return {k: v.to(device) for k, v in t.items()}
+def scan_case(layout, device="cpu"):
+    """(case, inputs) with every optional scan input present (conftest's helpers)."""
+    c = case(layout=layout, D=True, z=True, delta_bias=True, softplus=True, initial_state=True)
+    return c, make_inputs(c, device=device)
 
 
-def scan(layout, kw):
-    fn = gmamba_ext.selective_scan if layout == "cf" else gmamba_ext.selective_scan_channels_last
-    kw = dict(kw)
-    return fn(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), delta_softplus=True, **kw)
+def scan(c, t):
+    return run_op(c, t)[0]
 
 
 def poison(t, value):
@@ -54,45 +46,45 @@ def default_mode(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
-@pytest.mark.parametrize("name", SCAN_ARGS)
+@pytest.mark.parametrize("name", DIFF_NAMES)
 def test_scan_names_the_argument_and_index_under_anomaly_mode(anomaly_mode, layout, name):
-    kw = scan_inputs(layout)
-    kw[name], index = poison(kw[name], float("nan"))
+    c, t = scan_case(layout)
+    t[name], index = poison(t[name], float("nan"))
     with pytest.raises(ValueError, match=rf"selective_scan: argument '{name}' holds a non-finite value "
                                          rf"\(nan at index \({', '.join(map(str, index))},?\)\)"):
-        scan(layout, kw)
+        scan(c, t)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_scan_names_inf_with_its_sign(monkeypatch, value):
     monkeypatch.setenv("GMAMBA_CHECK_FINITE", "always")
-    kw = scan_inputs("cf")
-    kw["z"], _ = poison(kw["z"], value)
+    c, t = scan_case("cf")
+    t["z"], _ = poison(t["z"], value)
     with pytest.raises(ValueError, match=rf"argument 'z' holds a non-finite value \({value}"):
-        scan("cf", kw)
+        scan(c, t)
 
 
 def test_scan_propagates_nan_by_default_and_with_never(monkeypatch, anomaly_mode):
-    kw = scan_inputs("cf")
-    kw["u"], _ = poison(kw["u"], float("nan"))
+    c, t = scan_case("cf")
+    t["u"], _ = poison(t["u"], float("nan"))
     monkeypatch.setenv("GMAMBA_CHECK_FINITE", "never")  # anomaly mode is on, the checks are not
-    assert scan("cf", kw).isnan().any()
+    assert scan(c, t).isnan().any()
     monkeypatch.setenv("GMAMBA_CHECK_FINITE", "auto")
     with torch.autograd.set_detect_anomaly(False):
-        assert scan("cf", kw).isnan().any()
+        assert scan(c, t).isnan().any()
 
 
 def test_checked_call_returns_what_an_unchecked_call_does(monkeypatch):
-    kw = scan_inputs("cl")
-    plain = scan("cl", kw)
+    c, t = scan_case("cl")
+    plain = scan(c, t)
     monkeypatch.setenv("GMAMBA_CHECK_FINITE", "always")
-    assert torch.equal(scan("cl", kw), plain)
+    assert torch.equal(scan(c, t), plain)
 
 
 def test_bad_setting_is_a_value_error(monkeypatch):
     monkeypatch.setenv("GMAMBA_CHECK_FINITE", "yes")
     with pytest.raises(ValueError, match="GMAMBA_CHECK_FINITE must be one of"):
-        scan("cf", scan_inputs("cf"))
+        scan(*scan_case("cf"))
 
 
 def gssm_case():
@@ -138,13 +130,13 @@ def test_gssm_without_the_checks_propagates(monkeypatch):
 def test_traced_calls_skip_the_checks(monkeypatch, mode):
     """torch.compile cannot read values while tracing: the checks step aside rather than break the graph."""
     cfg, p, x = gssm_case()
-    kw = scan_inputs("cf")
+    c, t = scan_case("cf")
     if mode == "always":
         monkeypatch.setenv("GMAMBA_CHECK_FINITE", "always")
     with torch.autograd.set_detect_anomaly(mode == "anomaly"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        compiled = torch.compile(lambda kw: scan("cf", kw), fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(kw), scan("cf", kw))
+        compiled = torch.compile(lambda t: scan(c, t), fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(t), scan(c, t))
         compiled = torch.compile(lambda x: gmamba_ext.gssm(x, p), fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), gmamba_ext.gssm(x, p))
 
@@ -158,12 +150,12 @@ def test_meta_tensors_skip_the_checks():
 @cuda
 @pytest.mark.parametrize("name", ["u", "B", "initial_state"])
 def test_scan_checks_on_cuda(anomaly_mode, name):
-    kw = scan_inputs("cl", "cuda")
-    kw[name], index = poison(kw[name], float("nan"))
+    c, t = scan_case("cl", "cuda")
+    t[name], index = poison(t[name], float("nan"))
     with pytest.raises(ValueError, match=rf"argument '{name}' holds a non-finite value \(nan at index"):
-        scan("cl", kw)
-    kw = scan_inputs("cl", "cuda")
-    torch.testing.assert_close(scan("cl", kw).cpu(), scan("cl", {k: v.cpu() for k, v in kw.items()}))
+        scan(c, t)
+    c, t = scan_case("cl", "cuda")
+    torch.testing.assert_close(scan(c, t).cpu(), scan(c, {k: v.cpu() for k, v in t.items()}), rtol=1e-4, atol=1e-4)
 
 
 @cuda

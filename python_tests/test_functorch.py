@@ -7,37 +7,25 @@ import warnings
 import pytest
 import torch
 
-import gmamba_ext
+from conftest import DIFF_NAMES, case, make_inputs, run_op
 from gmamba_ext import gssm
 from gmamba_ext.ops import HAS_EXTENSION
 from gssm_helpers import make, param_fields
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled extension is not built")
 f64 = torch.float64
-V, b, d, L, N = 3, 2, 5, 19, 4  # L not a multiple of the 16-step chunk
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+V = 3  # the vmapped size
 
 
-def scan_inputs(layout, bc="variable", lead=()):
-    """Scan arguments with `lead` extra leading dims on every per-sample tensor (u, delta, z, the state, a
-    variable B / C)."""
-    g = torch.Generator().manual_seed(0)
-    xs = (*lead, b, d, L) if layout == "cf" else (*lead, b, L, d)
-    if bc == "variable":
-        bcs = (*lead, b, N, L) if layout == "cf" else (*lead, b, L, N)
-    else:
-        bcs = (d, N)
-    return dict(u=torch.randn(xs, generator=g, dtype=f64), delta=0.5 * torch.rand(xs, generator=g, dtype=f64),
-                A=-torch.rand(d, N, generator=g, dtype=f64) - 0.1, B=torch.randn(bcs, generator=g, dtype=f64),
-                C=torch.randn(bcs, generator=g, dtype=f64), D=torch.randn(d, generator=g, dtype=f64),
-                z=torch.randn(xs, generator=g, dtype=f64), delta_bias=0.1 * torch.rand(d, generator=g, dtype=f64),
-                initial_state=torch.randn(*lead, b, d, N, generator=g, dtype=f64))
+def scan_case(layout, bc="variable"):
+    """A float64 case with every optional scan input present (conftest's helpers), L = 19."""
+    return case(dtype=f64, layout=layout, b_mode=bc, c_mode=bc, D=True, z=True, delta_bias=True, softplus=True,
+                initial_state=True)
 
 
-def scan(layout, *tensors):
-    fn = gmamba_ext.selective_scan if layout == "cf" else gmamba_ext.selective_scan_channels_last
-    kw = dict(zip(NAMES, tensors))
-    return fn(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), delta_softplus=True, **kw)
+def scan_fn(c):
+    """The public scan of case c as a function of its inputs in DIFF_NAMES order."""
+    return lambda *ts: run_op(c, dict(zip(DIFF_NAMES, ts)))[0]
 
 
 def scan_calls(fn):
@@ -59,56 +47,57 @@ def scan_calls(fn):
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("bc", ["variable", "constant"])
 def test_scan_vmap_folds_into_the_batch(layout, bc):
-    kw = scan_inputs(layout, bc, lead=(V,))
-    per_sample = [k for k in NAMES if kw[k].dim() > (2 if k in ("A", "B", "C") else 1) and k != "A"]
-    in_dims = tuple(0 if k in per_sample else None for k in NAMES)
-    args = [kw[k] for k in NAMES]
-    fn = torch.func.vmap(lambda *ts: scan(layout, *ts), in_dims=in_dims)
+    c = scan_case(layout, bc)
+    draws = [make_inputs(c, seed=i) for i in range(V)]
+    # per-sample inputs vmapped (V independent draws stacked), the weights shared (the first draw's)
+    in_dims = tuple(0 if k in ("u", "delta", "z", "initial_state") or (k in ("B", "C") and bc == "variable") else None
+                    for k in DIFF_NAMES)
+    args = [torch.stack([t[k] for t in draws]) if dim == 0 else draws[0][k] for k, dim in zip(DIFF_NAMES, in_dims)]
+    fn = torch.func.vmap(scan_fn(c), in_dims=in_dims)
     got = fn(*args)
-    want = torch.stack([scan(layout, *[a[i] if dim == 0 else a for a, dim in zip(args, in_dims)]) for i in range(V)])
+    want = torch.stack([scan_fn(c)(*[a[i] if dim == 0 else a for a, dim in zip(args, in_dims)]) for i in range(V)])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert scan_calls(lambda: fn(*args)) == 1  # one call over V * b samples, not one per index
+    assert scan_calls(lambda: fn(*args)) == 1  # one call over V * batch samples, not one per index
 
 
 def test_scan_vmap_over_a_weight_runs_per_index():
-    kw = scan_inputs("cl")
-    As = torch.stack([kw["A"] * s for s in (0.5, 1.0, 2.0)])
-    fn = torch.func.vmap(lambda A: scan("cl", *[A if k == "A" else kw[k] for k in NAMES]))
+    c = scan_case("cl")
+    t = make_inputs(c)
+    As = torch.stack([t["A"] * s for s in (0.5, 1.0, 2.0)])
+    fn = torch.func.vmap(lambda A: scan_fn(c)(*[A if k == "A" else t[k] for k in DIFF_NAMES]))
     got = fn(As)
-    want = torch.stack([scan("cl", *[A if k == "A" else kw[k] for k in NAMES]) for A in As])
+    want = torch.stack([scan_fn(c)(*[A if k == "A" else t[k] for k in DIFF_NAMES]) for A in As])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert scan_calls(lambda: fn(As)) == V
 
 
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 def test_scan_func_grad_matches_autograd(layout):
-    kw = scan_inputs(layout)
-    args = [kw[k] for k in NAMES]
-    got = torch.func.grad(lambda *ts: scan(layout, *ts).square().sum(), argnums=tuple(range(len(NAMES))))(*args)
+    c = scan_case(layout)
+    args = [make_inputs(c)[k] for k in DIFF_NAMES]
+    loss = lambda *ts: scan_fn(c)(*ts).square().sum()  # noqa: E731
+    got = torch.func.grad(loss, argnums=tuple(range(len(DIFF_NAMES))))(*args)
     leaves = [a.clone().requires_grad_() for a in args]
-    want = torch.autograd.grad(scan(layout, *leaves).square().sum(), leaves)
-    for name, x, y in zip(NAMES, got, want):
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for name, x, y in zip(DIFF_NAMES, got, want):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_scan_jacrev_matches_autograd_jacobian():
-    kw = scan_inputs("cf")
-    kw["u"] = kw["u"][:1, :2, :6].contiguous()
-    for k in ("delta", "z"):
-        kw[k] = kw[k][:1, :2, :6].contiguous()
-    kw.update(B=kw["B"][:1, :, :6].contiguous(), C=kw["C"][:1, :, :6].contiguous(), A=kw["A"][:2],
-              D=kw["D"][:2], delta_bias=kw["delta_bias"][:2], initial_state=kw["initial_state"][:1, :2])
-    rest = [kw[k] for k in NAMES[1:]]
-    got = torch.func.jacrev(lambda u: scan("cf", u, *rest))(kw["u"])
-    want = torch.autograd.functional.jacobian(lambda u: scan("cf", u, *rest), kw["u"])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    c = case(dtype=f64, batch=1, d=2, L=6, N=3, D=True, z=True, delta_bias=True, softplus=True,
+             initial_state=True)
+    t = make_inputs(c)
+    rest = [t[k] for k in DIFF_NAMES[1:]]
+    fn = lambda u: scan_fn(c)(u, *rest)  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(fn)(t["u"]), torch.autograd.functional.jacobian(fn, t["u"]),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_scan_forward_mode_is_refused_clearly():
-    kw = scan_inputs("cl")
-    args = [kw[k] for k in NAMES]
+    c = scan_case("cl")
+    args = [make_inputs(c)[k] for k in DIFF_NAMES]
     with pytest.raises(RuntimeError, match="jvp"):
-        torch.func.jvp(lambda u: scan("cl", u, *args[1:]), (args[0],), (torch.ones_like(args[0]),))
+        torch.func.jvp(lambda u: scan_fn(c)(u, *args[1:]), (args[0],), (torch.ones_like(args[0]),))
 
 
 def gssm_case():
