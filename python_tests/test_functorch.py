@@ -153,3 +153,25 @@ def test_gssm_per_sample_gradients_on_cuda():
     want = per_sample(p, xs)  # float64 on the CPU
     for n in names:
         torch.testing.assert_close(got[n].cpu().double(), want[n], rtol=2e-3, atol=2e-3, msg=n)
+
+
+def test_block_per_sample_gradients_through_functional_call():
+    """The DP-SGD pattern on a module: vmap(grad(functional_call(...))) over samples."""
+    from torch.func import functional_call
+
+    from gmamba_ext.nn import GMambaBlock
+
+    torch.manual_seed(0)
+    block = GMambaBlock(16).double()
+    params = {k: v.detach() for k, v in block.named_parameters()}
+    xs = torch.randn(V, 16, 6, 5, dtype=f64)
+
+    def loss(p, x):
+        return functional_call(block, p, (x[None],)).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(V):
+        block.zero_grad()
+        loss(dict(block.named_parameters()), xs[i]).backward()
+        for k, v in block.named_parameters():
+            torch.testing.assert_close(got[k][i], v.grad, rtol=1e-11, atol=1e-13, msg=k)
