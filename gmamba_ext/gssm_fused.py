@@ -17,11 +17,13 @@ from .gssm_reference import GSSMConfig, GSSMParams, _field, expected_shapes
 __all__ = ["gssm_fused"]
 
 
+_DIRECTIONS = {1: "uni", 2: "bi", 4: "four"}  # the `directions` option for a count of scan directions
+
+
 @lru_cache(maxsize=None)
 def _param_keys(n_directions: int) -> Tuple[str, ...]:
     """The state_dict keys in the order the C++ ops take them (expected_shapes' order)."""
-    directions = {1: "uni", 2: "bi", 4: "four"}[n_directions]
-    return tuple(expected_shapes(GSSMConfig(d_model=8, directions=directions)))
+    return tuple(expected_shapes(GSSMConfig(d_model=8, directions=_DIRECTIONS[n_directions])))
 
 
 @lru_cache(maxsize=None)
@@ -52,6 +54,8 @@ class _GSSMFunction(torch.autograd.Function):
     def backward(ctx, dout):
         h, *rest = ctx.saved_tensors
         states, params = rest[:ctx.n_states], rest[ctx.n_states:]
+        if _legacy_batched(dout):
+            return _batched_backward(ctx, h, states, params, dout)
         lists = ctx.intermediates
         if lists is None:
             raise RuntimeError("gssm: backward through the same graph a second time needs retain_graph=True "
@@ -72,6 +76,38 @@ class _GSSMFunction(torch.autograd.Function):
         return (dh, None, None, *dstates, *_absent_to_none(dparams_front), *dparams_scan)
 
 
+def _legacy_batched(t: Tensor) -> bool:
+    """t carries a batch of gradients from torch.autograd.grad(..., is_grads_batched=True) (or
+    jacobian(vectorize=True)), whose vmap has no batching rules for the ops below."""
+    return torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def _batched_backward(ctx, h, states, params, dout):
+    """The backward for a batch of output gradients: autograd through the Python composition of the same
+    function (gssm.py), whose ops the batched backward can run, recomputed from the saved inputs."""
+    from .gssm import _composition, config_for  # gssm.py imports this module
+
+    _, _, variant, mask, single_dt_bias = ctx.options
+    if not torch._C._autograd._get_current_graph_task_keep_graph():
+        ctx.intermediates = None  # not read again (the forward's intermediates, unused here)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (h, *[s for s in states if s is not None], *params)]
+        it = iter(leaves[1:])
+        states_in = [next(it) if s is not None else None for s in states]
+        weights = GSSMParams(**dict(zip(_param_fields(len(states)), it)))
+        config = config_for(weights, variant, mask, _DIRECTIONS[len(states)], single_dt_bias)
+        out = _composition(leaves[0], weights, config, states_in).reshape(dout.shape)
+        grads = list(torch.autograd.grad(out, leaves, dout, allow_unused=True))
+    dh, grads = grads[0], iter(grads[1:])
+    dstates = [next(grads) if s is not None else None for s in states]
+    # what the ops return: zeros for a parameter of the variant that the composition leaves out (Pl's, with
+    # an empty low-pass), None for one the variant has no use for
+    _, fusion, fgmm, _ = _flags(variant, h.shape[1], h.shape[2])
+    dparams = [g if g is not None or not _variant_uses(i, fusion, fgmm) else torch.zeros_like(p)
+               for i, (p, g) in enumerate(zip(params, grads))]
+    return (dh, None, None, *dstates, *dparams)
+
+
 def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:
     """out (B, L, C) of the mixer on h (B, H, W, C) in h's dtype (autocast already resolved by the caller)."""
     B, H, W, C = h.shape
@@ -90,6 +126,11 @@ def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[O
 _FUSION = range(5, 15)  # low/high weights, their projections, the fusion MLP
 _FGMM = range(15, 28)   # gate, FGMM conv and adaptive weights, freq_ratio
 _N_SHARED = 28          # parameters before the per-direction ones
+
+
+def _variant_uses(i, fusion, fgmm) -> bool:
+    """Whether parameter i (the ops' order) takes part in a variant with those stages (_flags)."""
+    return i < 5 or i >= _N_SHARED or (fusion and i in _FUSION) or (fgmm and i in _FGMM)
 
 
 def _sizes(params, H, W):
@@ -169,6 +210,5 @@ if hasattr(torch.ops, "gmamba_ext") and hasattr(torch.ops.gmamba_ext, "gssm_fwd"
     def _gssm_bwd_front_fake(dout, dx2, x, params, saved, H, W, variant, mask, single_dt_bias, consume=False):
         _, fusion, fgmm, _ = _flags(variant, H, W)
         dparams = [torch.empty_like(p, memory_format=torch.contiguous_format)
-                   if i < 5 or (fusion and i in _FUSION) or (fgmm and i in _FGMM) else x.new_empty((0,))
-                   for i, p in enumerate(params[:_N_SHARED])]
+                   if _variant_uses(i, fusion, fgmm) else x.new_empty((0,)) for i, p in enumerate(params[:_N_SHARED])]
         return x.new_empty(x.shape), dparams

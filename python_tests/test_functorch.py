@@ -175,3 +175,40 @@ def test_block_per_sample_gradients_through_functional_call():
         loss(dict(block.named_parameters()), xs[i]).backward()
         for k, v in block.named_parameters():
             torch.testing.assert_close(got[k][i], v.grad, rtol=1e-11, atol=1e-13, msg=k)
+
+
+@pytest.mark.parametrize("H,W,variant,retain", [
+    (6, 5, "full", True), (6, 5, "full", False),  # an empty low-pass: Pl's parameters get zeros
+    (8, 8, "full", True), (8, 8, "full", False), (8, 8, "ssm", True), (8, 8, "dft_fgmm_ssm", True)])
+def test_eager_gssm_batched_backward(H, W, variant, retain):
+    """torch.autograd.grad(..., is_grads_batched=True) through an eager (C++ orchestration) gssm call: its
+    backward differentiates the Python composition for the batch of output gradients, and gives what one
+    backward per output gradient gives (None for the parameters the variant does not use)."""
+    cfg, p, g = make(16, d_state=4, directions="bi", variant=variant)
+    names = param_fields(p)
+    x = torch.randn(2, H, W, 16, generator=g, dtype=f64).requires_grad_()
+    ws = [getattr(p, n).clone().requires_grad_() for n in names]
+    state = torch.randn(2, cfg.d, cfg.d_state, generator=g, dtype=f64).requires_grad_()
+    inputs = [x, state, *ws]
+
+    def forward():
+        return gssm(x, p.replace(**dict(zip(names, ws))), directions="bi", initial_state=[state, None],
+                    variant=variant)
+
+    vs = torch.randn(V, 2, H, W, 16, generator=g, dtype=f64)
+    got = torch.autograd.grad(forward(), inputs, vs, is_grads_batched=True, retain_graph=retain, allow_unused=True)
+    out = forward()
+    for i in range(V):
+        want = torch.autograd.grad(out, inputs, vs[i], retain_graph=True, allow_unused=True)
+        for name, a, b in zip(["x", "state", *names], got, want):
+            assert (a is None) == (b is None), name
+            if b is not None:
+                torch.testing.assert_close(a[i], b, rtol=1e-11, atol=1e-13, msg=name)
+
+
+def test_eager_gssm_vectorized_jacobian():
+    cfg, p, g = make(16, d_state=4)
+    x = torch.randn(1, 4, 4, 16, generator=g, dtype=f64)
+    fn = lambda x: gssm(x, p)  # noqa: E731
+    torch.testing.assert_close(torch.autograd.functional.jacobian(fn, x, vectorize=True),
+                               torch.autograd.functional.jacobian(fn, x), rtol=1e-12, atol=1e-14)
