@@ -212,3 +212,20 @@ def test_eager_gssm_vectorized_jacobian():
     fn = lambda x: gssm(x, p)  # noqa: E731
     torch.testing.assert_close(torch.autograd.functional.jacobian(fn, x, vectorize=True),
                                torch.autograd.functional.jacobian(fn, x), rtol=1e-12, atol=1e-14)
+
+
+def test_block_ensemble_through_stack_module_state():
+    """Model ensembling: vmap over stacked parameters (every op's weights vmapped: the per-index rules)."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state
+
+    from gmamba_ext.nn import GMambaBlock
+
+    torch.manual_seed(0)
+    blocks = [GMambaBlock(16).double() for _ in range(V)]
+    params, buffers = stack_module_state(blocks)
+    base = copy.deepcopy(blocks[0]).to("meta")
+    x = torch.randn(2, 16, 6, 5, dtype=f64)
+    got = torch.func.vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([block(x) for block in blocks]), rtol=1e-12, atol=1e-12)
