@@ -276,7 +276,8 @@ def composition_only():
     """Within this context, `gssm` runs the Python composition even in eager mode (and the scan its
     registered autograd): for callers that batch the backward with torch.autograd.grad(is_grads_batched=True),
     which needs a batching rule for every op's backward (the composition's ops have them; the C++
-    orchestration's backward has none)."""
+    orchestration's backward ops have none, so an eager call's backward handed a batch of gradients
+    recomputes the forward as this composition first: gssm_fused._batched_backward)."""
     previous = getattr(_BATCHED_BACKWARD, "on", False)
     _BATCHED_BACKWARD.on = True
     try:
