@@ -8,39 +8,38 @@ import gmamba_ext
 from gmamba_ext import ops
 
 
-def _save_policy():
+def _setting(variable, describe):
+    """describe(value of `variable`, "auto" when unset) followed by the setting, or the error a bad value
+    raises (the package's readers raise ValueError)."""
+    value = os.environ.get(variable) or "auto"
+    try:
+        return f"{describe(value)} ({variable}={value})"
+    except ValueError as error:
+        return str(error)
+
+
+def _per_device(flag, yes, no):
+    return ", ".join(f"{d} {yes if flag(torch.device(d)) else no}" for d in ("cpu", "cuda"))
+
+
+def _save_policy(_):
     from gmamba_ext.gssm_fused import keeps_intermediates
 
-    try:
-        keeps = {d: keeps_intermediates(torch.device(d)) for d in ("cpu", "cuda")}
-    except ValueError as error:
-        return str(error)
-    policy = os.environ.get("GMAMBA_GSSM_SAVE") or "auto"
-    return ", ".join(f"{d} {'yes' if k else 'no (recomputed)'}" for d, k in keeps.items()) + \
-        f" (GMAMBA_GSSM_SAVE={policy})"
+    return _per_device(keeps_intermediates, "yes", "no (recomputed)")
 
 
-def _lowpass_form():
+def _lowpass_form(_):
     from gmamba_ext.gssm_fused import lowpass_uses_fft
 
-    try:
-        forms = {d: "FFTs" if lowpass_uses_fft(torch.device(d)) else "DFT matrices" for d in ("cpu", "cuda")}
-    except ValueError as error:
-        return str(error)
-    form = os.environ.get("GMAMBA_GSSM_LOWPASS") or "auto"
-    return ", ".join(f"{d} {f}" for d, f in forms.items()) + f" (GMAMBA_GSSM_LOWPASS={form})"
+    return _per_device(lowpass_uses_fft, "FFTs", "DFT matrices")
 
 
-def _finite_checks():
+def _finite_checks(mode):
     from gmamba_ext.finite_checks import finite_checks_enabled
 
-    try:
-        on = finite_checks_enabled()
-    except ValueError as error:
-        return str(error)
-    mode = os.environ.get("GMAMBA_CHECK_FINITE") or "auto"
+    on = finite_checks_enabled()  # raises on a bad value before the lookup below
     when = {"auto": "under torch.autograd.detect_anomaly", "always": "every call", "never": "off"}[mode]
-    return f"{'on' if on else 'off'} now, {when} (GMAMBA_CHECK_FINITE={mode})"
+    return f"{'on' if on else 'off'} now, {when}"
 
 
 def main():
@@ -62,9 +61,9 @@ def main():
         print(f"CPU kernels: {threads}" + (f"; scan vectors of {lanes} channels" if lanes else ""))
         if getattr(info, "SANITIZE", None):
             print(f"built with -fsanitize={info.SANITIZE}: import with the sanitizer runtimes preloaded (README)")
-    print(f"gssm keeps xz, x1, z1, relu(pre) for the backward: {_save_policy()}")
-    print(f"gssm's FEM low-pass runs as: {_lowpass_form()}")
-    print(f"NaN / inf checks of the inputs: {_finite_checks()}")
+    print(f"gssm keeps xz, x1, z1, relu(pre) for the backward: {_setting('GMAMBA_GSSM_SAVE', _save_policy)}")
+    print(f"gssm's FEM low-pass runs as: {_setting('GMAMBA_GSSM_LOWPASS', _lowpass_form)}")
+    print(f"NaN / inf checks of the inputs: {_setting('GMAMBA_CHECK_FINITE', _finite_checks)}")
     for device in ("cpu", "cuda"):
         print(f"  kernel for {device}: {'yes' if ops._has_kernel(torch.device(device)) else 'no'}")
     if torch.cuda.is_available():

@@ -12,12 +12,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gssm_reference import GSSMConfig, GSSMParams, _field, expected_shapes
+from .gssm_reference import DIRECTIONS, GSSMConfig, GSSMParams, _field, expected_shapes
 
 __all__ = ["gssm_fused"]
 
 
-_DIRECTIONS = {1: "uni", 2: "bi", 4: "four"}  # the `directions` option for a count of scan directions
+_DIRECTIONS = {n: name for name, n in DIRECTIONS.items()}  # the `directions` option for a count of directions
 
 
 @lru_cache(maxsize=None)
