@@ -17,9 +17,14 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Commands that compile; the others (sdist, egg_info, dist_info) only describe or pack the sources and need
+# no torch, so that `python -m build --sdist` works in its isolated environment (MANIFEST.in lists them).
+COMPILING_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", "develop",
+                      "editable_wheel"}
 
 
 def fail(message):
@@ -27,16 +32,24 @@ def fail(message):
     sys.exit(1)
 
 
+# pyproject.toml's SPDX `license` string needs setuptools >= 77; older ones fail with a schema error that
+# names no fix (a Python 3.11 venv starts with setuptools 65, used as is under --no-build-isolation).
+if int(setuptools.__version__.split(".")[0]) < 77:
+    fail(f"setuptools >= 77 is needed, this environment has {setuptools.__version__}: run\n"
+         "    pip install -U 'setuptools>=77'\nthen build again.")
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    fail(
-        "PyTorch is not importable in this build environment. gmamba_ext compiles against the torch you "
-        "already have: install torch (>= 2.11) first, then run\n"
-        "    pip install --no-build-isolation .\n"
-        "(plain `pip install .` builds in an isolated environment without your torch)."
-    )
+    torch = None
+    if len(sys.argv) <= 1 or COMPILING_COMMANDS & set(sys.argv[1:]):
+        fail(
+            "PyTorch is not importable in this build environment. gmamba_ext compiles against the torch you "
+            "already have: install torch (>= 2.11) first, then run\n"
+            "    pip install --no-build-isolation .\n"
+            "(plain `pip install .` builds in an isolated environment without your torch)."
+        )
 
 
 def env_flag(name):
@@ -157,16 +170,15 @@ def torch_needs_cxx20():
     return (major, minor) >= (2, 13)
 
 
-class Build(BuildExtension):
-    def run(self):
-        try:
-            super().run()
-        except (subprocess.CalledProcessError, RuntimeError, OSError) as error:
-            fail(f"compiling the extension failed ({error}). The compiler output above says why; "
-                 "GMAMBA_CUDA=0 builds the CPU kernels only.")
+if torch is not None:
+    class Build(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except (subprocess.CalledProcessError, RuntimeError, OSError) as error:
+                fail(f"compiling the extension failed ({error}). The compiler output above says why; "
+                     "GMAMBA_CUDA=0 builds the CPU kernels only.")
 
-
-setup(
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": Build},
-)
+    setup(ext_modules=[make_extension()], cmdclass={"build_ext": Build})
+else:  # packing or describing the sources only (see COMPILING_COMMANDS)
+    setup()

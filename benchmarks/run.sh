@@ -13,6 +13,7 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   "$PY" -m pip install -q "torch>=2.11,<=2.14.1" numpy ninja
 fi
 "$PY" -m pip install -q mambapy matplotlib || echo "mambapy/matplotlib unavailable: those columns are skipped"
+"$PY" -m pip install -q "setuptools>=77" wheel  # the build runs without isolation, on these
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation .
 mkdir -p benchmarks/out
 cd benchmarks/out  # import the installed package, not the source tree
