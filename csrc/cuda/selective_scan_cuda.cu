@@ -363,17 +363,22 @@ int carveout_for_blocks(int blocks, size_t smem) {
 // bound by L2 bandwidth (L1 hit rate 8 %): each thread reads 16 consecutive u, delta, z, dout of one row,
 // the warp's lanes 32 rows apart, and at 3 blocks per SM shared memory leaves L1 about 30 KB, less than the
 // 3 x 32 KB of row segments the blocks walk. A carveout for 2 blocks leaves L1 about 90-120 KB.
+// Returns false, launching nothing, where the device cannot give a block the kernel's shared memory: float64
+// at kN = 8 takes 128 KB, more than sm_86 / sm_89 allow (99 KB); kN = 16 takes 72-74 KB, more than sm_75's
+// 64 KB. The caller then runs bwd_chunk_grads, which needs no dynamic shared memory.
 template <int kN, bool kChannelsLast, typename in_t, typename acc_t>
-void launch_lane_backward(const ScanBwdArgs<in_t, acc_t>& args, int64_t blocks, const acc_t* carry, bool prefer_l1,
+bool launch_lane_backward(const ScanBwdArgs<in_t, acc_t>& args, int64_t blocks, const acc_t* carry, bool prefer_l1,
                           cudaStream_t stream) {
   const auto kernel = lane_scan::lane_backward<kN, kChannelsLast, in_t, acc_t>;
   const size_t smem = lane_scan::lane_backward_smem<kN, kChannelsLast, acc_t>();
+  if (smem > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) return false;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   if constexpr (!kChannelsLast) {  // set on every launch: the attribute persists across calls
     const int carveout = prefer_l1 ? carveout_for_blocks(2, smem) : static_cast<int>(cudaSharedmemCarveoutDefault);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout));
   }
   kernel<<<blocks, lane_scan::kBwdThreads, smem, stream>>>(args, carry);
+  return true;
 }
 
 void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& dout,
@@ -394,19 +399,18 @@ void backward_cuda(const ScanInputs& in, const ScanShape& s, const at::Tensor& d
     launch_chain<true>(s, args.f.A, dt_sum.data_ptr<acc_t>(), carry_ptr, args.dinitial_state, stream);
     constexpr bool kFloatAcc = std::is_same_v<acc_t, float>;
     const LaneChoice lane = lane_backward_choice(s, args.f.B.variable, args.f.C.variable, kFloatAcc);
-    if (lane.states == 8 && s.channels_last) {
-      launch_lane_backward<8, true>(args, blocks, carry_ptr, lane.prefer_l1, stream);
-    } else if (lane.states == 8) {
-      launch_lane_backward<8, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
+    bool launched = false;
+    if (lane.states == 8) {
+      launched = s.channels_last ? launch_lane_backward<8, true>(args, blocks, carry_ptr, lane.prefer_l1, stream)
+                                 : launch_lane_backward<8, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
     } else if (lane.states == 16) {
       // Built for float accumulation only (the only case lane_backward_states picks it for).
       if constexpr (kFloatAcc) {
-        if (s.channels_last) launch_lane_backward<16, true>(args, blocks, carry_ptr, lane.prefer_l1, stream);
-        else launch_lane_backward<16, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
+        launched = s.channels_last ? launch_lane_backward<16, true>(args, blocks, carry_ptr, lane.prefer_l1, stream)
+                                   : launch_lane_backward<16, false>(args, blocks, carry_ptr, lane.prefer_l1, stream);
       }
-    } else {
-      bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry_ptr);
     }
+    if (!launched) bwd_chunk_grads<<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(args, carry_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
