@@ -77,7 +77,9 @@ def register_fold_rule(op, batch_leading: Callable[[Sequence], Sequence[bool]]) 
         for a, d, lead in zip(args, in_dims, leading):
             if lead and isinstance(a, Tensor):
                 a = a.movedim(d, 0) if d is not None else a.expand(V, *a.shape)
-                a = a.reshape(V * a.shape[1], *a.shape[2:])
+                # contiguous: the ops take dense tensors, and a shared (unvmapped) batch-1 argument expands
+                # to a stride-0 view here
+                a = a.reshape(V * a.shape[1], *a.shape[2:]).contiguous()
             folded.append(a)
         out = op(*folded)
         outs = (out,) if isinstance(out, Tensor) else tuple(out)

@@ -12,7 +12,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gssm_reference import DIRECTIONS, GSSMConfig, GSSMParams, _field, expected_shapes
+from .gssm_reference import DIRECTIONS, GSSMConfig, GSSMParams, _field, expected_shapes, gssm_ref
+from .higher_order import backward_is_differentiated, reference_vjp
 
 __all__ = ["gssm_fused"]
 
@@ -50,12 +51,13 @@ class _GSSMFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         h, *rest = ctx.saved_tensors
         states, params = rest[:ctx.n_states], rest[ctx.n_states:]
         if _legacy_batched(dout):
             return _batched_backward(ctx, h, states, params, dout)
+        if backward_is_differentiated((dout, *ctx.saved_tensors)):
+            return _differentiable_backward(ctx, h, states, params, dout)
         lists = ctx.intermediates
         if lists is None:
             raise RuntimeError("gssm: backward through the same graph a second time needs retain_graph=True "
@@ -106,6 +108,25 @@ def _batched_backward(ctx, h, states, params, dout):
     dparams = [g if g is not None or not _variant_uses(i, fusion, fgmm) else torch.zeros_like(p)
                for i, (p, g) in enumerate(zip(params, grads))]
     return (dh, None, None, *dstates, *dparams)
+
+
+def _differentiable_backward(ctx, h, states, params, dout):
+    """The backward when it will itself be differentiated (second-order gradients: higher_order.py): the
+    vector-Jacobian product of the plain-PyTorch reference gssm_ref, recomputed from the saved inputs."""
+    from .gssm import config_for  # gssm.py imports this module
+
+    _, _, variant, mask, single_dt_bias = ctx.options
+    if not torch._C._autograd._get_current_graph_task_keep_graph():
+        ctx.intermediates = None  # not read again (the forward's intermediates, unused here)
+    n, fields = len(states), _param_fields(len(states))
+
+    def reference(h, *rest):
+        weights = GSSMParams(**dict(zip(fields, rest[n:])))
+        config = config_for(weights, variant, mask, _DIRECTIONS[n], single_dt_bias)
+        return gssm_ref(h, weights, config, layout="bhwc", initial_state=list(rest[:n])).reshape(dout.shape)
+
+    dh, *grads = reference_vjp(reference, (h, *states, *params), dout)
+    return (dh, None, None, *grads)
 
 
 def gssm_fused(h: Tensor, params: GSSMParams, config: GSSMConfig, states: List[Optional[Tensor]]) -> Tensor:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functorch_rules import functorch_active, functorch_function, register_fold_rule, register_loop_rule
+from .higher_order import backward_is_differentiated, reference_vjp
 from .ops import _OPS, HAS_EXTENSION, _has_kernel
 from .reference import accumulation_dtype
 
@@ -91,8 +92,11 @@ if HAS_EXTENSION:
     def _conv_backward(ctx, dx1, dz1):
         xz, weight, bias = ctx.saved_tensors
         B, L, ch = xz.shape
+        differentiated = backward_is_differentiated((dx1, dz1, xz, weight, bias))
         dx1 = xz.new_zeros((B, L, ch // 2)) if dx1 is None else dx1.contiguous()
         dz1 = xz.new_zeros((B, L, ch // 2)) if dz1 is None else dz1.contiguous()
+        if differentiated:  # through the reference (higher_order.py)
+            return tuple(reference_vjp(conv_silu_torch, (xz, weight, bias), (dx1, dz1)))
         return tuple(torch.ops.gmamba_ext.conv_silu_bwd(dx1, dz1, xz, weight, bias))
 
     torch.library.register_autograd(_OPS + "conv_silu_fwd", _conv_backward, setup_context=_conv_setup)
@@ -116,7 +120,11 @@ if HAS_EXTENSION:
 
     def _fgmm_backward(ctx, dx2, _ds, _da, _dg):
         x1, f, c, gate_logit, w1, b1, w2, b2, ratio, s, a, g = ctx.saved_tensors
+        inputs = (x1, f, c, gate_logit, w1, b1, w2, b2, ratio)
+        differentiated = backward_is_differentiated((dx2, *inputs))
         dx2 = torch.zeros_like(x1) if dx2 is None else dx2.contiguous()
+        if differentiated:  # through the reference (higher_order.py); s, a, g take no gradient
+            return tuple(reference_vjp(lambda *t: fgmm_torch(*t)[0], inputs, dx2))
         return tuple(torch.ops.gmamba_ext.fgmm_bwd(dx2, x1, f, c, gate_logit, s, a, g, w1, b1, w2, b2, ratio))
 
     torch.library.register_autograd(_OPS + "fgmm_fwd", _fgmm_backward, setup_context=_fgmm_setup)

@@ -11,6 +11,7 @@ from torch import Tensor
 from . import reference
 from .finite_checks import check_finite, finite_checks_enabled
 from .functorch_rules import functorch_active, functorch_function, register_fold_rule, register_loop_rule
+from .higher_order import backward_is_differentiated, reference_vjp
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "CHUNK"]
 
@@ -169,6 +170,9 @@ if HAS_EXTENSION:
         u, delta, A, B, C, checkpoints, *present = ctx.saved_tensors
         it = iter(present)
         D, z, delta_bias, initial_state = (next(it) if has else None for has in ctx.has_optional)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        if backward_is_differentiated((dout, dlast_state, *inputs)):
+            return (*_reference_vjp(inputs, ctx.flags, dout, dlast_state), None, None)
         if dout is None:
             dout = torch.zeros_like(u)
         grads = torch.ops.gmamba_ext.selective_scan_bwd(
@@ -178,6 +182,18 @@ if HAS_EXTENSION:
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
                 dinitial_state if initial_state is not None else None, None, None)
+
+    def _reference_vjp(inputs, flags, dout, dlast_state):
+        """The backward as a differentiable function (higher_order.py): through the reference scan."""
+        u, A = inputs[0], inputs[2]
+        delta_softplus, channels_last = flags
+        d = u.shape[2] if channels_last else u.shape[1]
+        dout = torch.zeros_like(u) if dout is None else dout
+        dlast_state = A.new_zeros((u.shape[0], d, A.shape[1])) if dlast_state is None else dlast_state
+        return reference_vjp(
+            lambda *t: reference.selective_scan_ref(*t[:8], delta_softplus=delta_softplus, return_last_state=True,
+                                                    initial_state=t[8], channels_last=channels_last),
+            inputs, (dout, dlast_state))
 
     torch.library.register_autograd(_OPS + "selective_scan_fwd", _backward, setup_context=_setup_context)
 

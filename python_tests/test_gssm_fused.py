@@ -165,14 +165,6 @@ def test_config_cache_keeps_option_checks():
         gssm(x, p, single_dt_bias=1)
 
 
-def test_double_backward_is_refused():
-    cfg, p, g = make(16, d_state=4)
-    x = inputs(cfg, 1, 8, 8, g).requires_grad_()
-    (gx,) = torch.autograd.grad(gssm(x, p).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gx.sum().backward()
-
-
 def raw_args(variant="full", directions="uni", H=8, W=8, B=2, dtype=f64, states=False):
     cfg, p, g = make(16, variant=variant, directions=directions, d_state=4)
     params = [p[k].to(dtype) for k in _param_keys(cfg.n_directions)]
