@@ -16,7 +16,8 @@ Exact algebra used instead of the spec's literal steps (same function, fewer pas
 - out_proj on [y | z1] is y Wy^T + z1 Wz^T accumulated in one addmm: no concatenation.
 
 Precision: the computation runs in x's dtype (parameters are cast to it), or under torch.autocast in the
-autocast dtype (x and parameters are cast on entry, autocast is then off inside). FFTs run in float32
+autocast dtype (x and parameters are cast on entry, autocast is then off inside; a float64 x is not cast,
+as autocast leaves float64 alone). FFTs run in float32
 (float64 for float64): cuFFT's half-precision transforms only take powers of two. The conv, FGMM and the
 scan accumulate in float32 (float64 for float64); the scan state is float32. The result has x's layout and
 the compute dtype.
@@ -95,11 +96,14 @@ def as_params(params, options: dict) -> GSSMParams:
     raise ValueError(f"params must be a GSSMParams, a GSSM module or a state_dict, got {type(params).__name__}")
 
 
-def _check_devices(sd: Mapping[str, Tensor], device: torch.device) -> None:
+def _check_devices(sd: Mapping[str, Tensor], states: List[Optional[Tensor]], device: torch.device) -> None:
     for key, t in sd.items():
         if t.device != device:
             raise ValueError(f"gssm: parameter '{key}' is on {t.device} but x is on {device}; move the "
                              f"parameters to x's device")
+    for k, t in enumerate(states):
+        if isinstance(t, Tensor) and t.device != device:
+            raise ValueError(f"gssm: initial_state[{k}] is on {t.device} but x is on {device}")
 
 
 def _named_inputs(x: Tensor, sd: Mapping[str, Tensor], states: List[Optional[Tensor]]):
@@ -249,12 +253,13 @@ def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_b
     config = _checked_config(sd, options)
     if not isinstance(x, Tensor):
         raise ValueError(f"gssm: x must be a tensor, got {type(x).__name__}")
-    _check_devices(sd, x.device)
     states = _initial_states(initial_state, config.n_directions)
+    _check_devices(sd, states, x.device)
     if finite_checks_enabled():
         check_finite("gssm", _named_inputs(x, sd, states))
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    # As autocast does for its own ops: float64 is never cast (and meta has no autocast to ask about).
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             return _gssm(x.to(dtype) if x.is_floating_point() else x, params, config, layout, states, fused)

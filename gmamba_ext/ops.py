@@ -79,8 +79,8 @@ _ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_stat
 
 
 def _check_one_device(args) -> None:
-    """The kernels' device check (scan_host.cpp), for the reference fallback: ATen's own error there names
-    no argument."""
+    """The kernels' device check (scan_host.cpp), for the reference fallback (ATen's own error there names
+    no argument) and the fake kernel."""
     for name, t in zip(_ARG_NAMES, args):
         if t is not None and t.device != args[0].device:
             raise ValueError(f"selective_scan: argument '{name}' is on {t.device} but 'u' is on {args[0].device}; "
@@ -140,6 +140,9 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake(_OPS + "selective_scan_fwd")
     def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, channels_last):
+        # The dispatcher sends a call with any meta argument here, the others on the CPU say: the kernels'
+        # device check must hold here too, or this would hand back an uninitialised CPU tensor.
+        _check_one_device((u, delta, A, B, C, D, z, delta_bias, initial_state))
         batch = u.shape[0]
         d, L = (u.shape[2], u.shape[1]) if channels_last else (u.shape[1], u.shape[2])
         N = A.shape[1]

@@ -81,6 +81,24 @@ def test_autocast_bfloat16_cpu():
     assert (got.double() - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
+def test_autocast_leaves_float64_alone():
+    """As autocast's own ops do (nn.Linear stays float64 under it): a float64 input is not cast."""
+    cfg, p, _ = make(16, d_state=4)
+    x = x_for(cfg, 2, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gssm(x, p)
+    assert got.dtype == f64
+    torch.testing.assert_close(got, gssm_ref(x, p, cfg), rtol=1e-10, atol=1e-10)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape inference / FLOP counting on the meta device (there is no autocast to ask about there)."""
+    cfg, p, _ = make(16, d_state=4)
+    x = x_for(cfg, 2, 6, 5).to("meta")
+    out = gssm(x, cast(p, device="meta"))
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
 def test_channels_last_bchw_layout():
     cfg, p, _ = make(16)
     x = x_for(cfg, 2, 6, 10)  # (B, H, W, C)

@@ -162,6 +162,7 @@ def _x(C=16, shape=(2, 6, 6), dtype=f64):
     (lambda p: gssm(_x(), {**p.to_state_dict(), "D": p.D.long()}), r"not floating point: \['D \(torch.int64\)'\]"),
     (lambda p: gssm(_x(), 3), "params must be a GSSMParams"),
     (lambda p: gssm(_x(), p, initial_state=[None, None]), "initial_state must be"),
+    (lambda p: gssm(_x(), p, initial_state=torch.zeros(2, 8, 8, device="meta")), r"initial_state\[0\] is on meta"),
     (lambda p: gssm(_x(), make(16, directions="bi")[1], directions="bi", initial_state=torch.zeros(2, 8, 8)),
      "one per scan direction"),
 ])

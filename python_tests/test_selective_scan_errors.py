@@ -128,6 +128,15 @@ def test_mixed_devices_on_the_reference_fallback_name_the_argument(name):
         ss(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw)
 
 
+@pytest.mark.parametrize("name", ["delta", "A", "B", "D", "z", "initial_state"])
+def test_one_argument_on_meta_names_it(name):
+    """The dispatcher hands such a call to the fake kernel, which returned an uninitialised CPU tensor."""
+    kw = dict(inputs(), D=torch.randn(d), z=torch.randn(b, d, L), initial_state=torch.randn(b, d, N))
+    kw[name] = kw[name].to("meta")
+    with pytest.raises(ValueError, match=rf"argument '{name}' is on meta but 'u' is on cpu"):
+        ss(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw)
+
+
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 def test_error_messages_name_the_op(layout):
     with pytest.raises(ValueError, match=r"^selective_scan: "):
