@@ -247,6 +247,9 @@ def gssm_composition(x: Tensor, params, *, variant: str = "full", mask: str = "c
 
 
 def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_bias, layout, fused: bool) -> Tensor:
+    if torch.jit.is_tracing():  # it read the sizes as tensors and failed on a config check, naming no cause
+        raise RuntimeError("gssm: torch.jit.trace is not supported (the mixer's sizes and options are Python "
+                           "values); use torch.compile or torch.export, which trace it")
     options = dict(variant=variant, mask=mask, directions=directions, single_dt_bias=single_dt_bias)
     params = as_params(params, options)
     sd = params.to_state_dict()  # once: validation and the device check both read it (host time per call)

@@ -61,6 +61,7 @@ __all__ = ["GSSMConfig", "GSSMParams", "gssm_ref", "gssm_stages", "fem_low_mask"
 VARIANTS = ("full", "ssm", "fem_ssm", "dft_fgmm_ssm")
 MASKS = ("corner", "symmetric")
 DIRECTIONS = {"uni": 1, "bi": 2, "four": 4}
+MAX_CONV_WIDTH = 8  # the conv kernels' limit (kMaxConvWidth, csrc/gmamba/gssm_math.h)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class GSSMConfig:
     """Hyper-parameters of the GSSM mixer (defaults of the GMamba block).
 
     d_model: C; expand: E = int(expand * C), must be even; d = E // 2 >= 4 (the scan's channel count, and
-    FGMM's reduction 4 needs d >= 4); d_state: N; d_conv: K; dt_rank: R, "auto" -> ceil(C / 16).
+    FGMM's reduction 4 needs d >= 4); d_state: N; d_conv: K, 1 to 8; dt_rank: R, "auto" -> ceil(C / 16).
     dt_min / dt_max / dt_init_floor / dt_scale: initialisation of dt_proj only.
     """
     d_model: int
@@ -105,6 +106,9 @@ class GSSMConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"GSSMConfig.{name} must be a positive int, got {v!r}")
+        if self.d_conv > MAX_CONV_WIDTH:
+            raise ValueError(f"GSSMConfig.d_conv must be at most {MAX_CONV_WIDTH} (the conv kernels' width "
+                             f"limit), got {self.d_conv}")
         if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
                                        or self.dt_rank < 1):
             raise ValueError(f"GSSMConfig.dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")

@@ -172,6 +172,12 @@ def test_gssm_errors(call, match):
         call(p)
 
 
+def test_jit_trace_says_what_to_use_instead():
+    _, p, _ = make(16)
+    with pytest.raises(RuntimeError, match="torch.jit.trace is not supported.*torch.compile or torch.export"):
+        torch.jit.trace(lambda x: gssm(x, p), (_x(),))
+
+
 def test_gssm_d_smaller_than_4():
     _, p, _ = make(16)
     small = p.replace(**{"in_proj.weight": torch.zeros(6, 16, dtype=f64)})

@@ -368,6 +368,10 @@ def test_config_validation():
         with pytest.raises(ValueError, match=field):
             GSSMConfig(16, **{field: val})
     assert GSSMConfig(17, expand=2).R == 2 and GSSMConfig(16).R == 1 and GSSMConfig(8).d == 4
+    # the conv kernels' width limit, said when the module is built rather than by every forward's conv op
+    with pytest.raises(ValueError, match=r"d_conv must be at most 8 .*got 9"):
+        GSSMConfig(16, d_conv=9)
+    assert GSSMConfig(16, d_conv=8).d_conv == 8
 
 
 def test_input_validation():

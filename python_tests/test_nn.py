@@ -188,8 +188,16 @@ def test_load_release_checkpoint_errors():
     msg = str(e.value)
     assert "missing keys: ['mixer.D']" in msg and "unexpected keys: ['mixer.extra']" in msg
     assert "norm1.weight: checkpoint (5,), module (16,)" in msg
-    missing, unexpected = load_release_state_dict(block(layer_scale=1e-2), sd, strict=False)
+    # strict=False returns missing and unexpected keys, and refuses shape mismatches as torch does (they
+    # would leave the parameter at its initial value, unreported)
+    with pytest.raises(ValueError, match=r"shape mismatches: \['norm1.weight: checkpoint \(5,\)") as e:
+        load_release_state_dict(block(layer_scale=1e-2), sd, strict=False)
+    assert "missing keys" not in str(e.value)
+    sd["module.norm1.weight"] = torch.full((16,), 3.0, dtype=torch.float64)
+    dst = block(layer_scale=1e-2)
+    missing, unexpected = load_release_state_dict(dst, sd, strict=False)
     assert missing == ["mixer.D"] and unexpected == ["mixer.extra"]
+    assert torch.equal(dst.norm1.weight, sd["module.norm1.weight"])
 
 
 # ------------------------------------------------------------------------------- AMP, compile, training ----

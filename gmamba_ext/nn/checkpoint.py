@@ -33,7 +33,9 @@ def load_release_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor],
     norm1.weight, mixer.in_proj.weight, ...) into `module`. prefix=None finds the prefix the checkpoint's
     keys carry (the one under which most of the module's keys appear); keys outside it are ignored.
     strict=True raises ValueError listing missing keys, unexpected keys (under the prefix) and shape
-    mismatches; strict=False loads what matches and returns (missing, unexpected)."""
+    mismatches; strict=False loads what matches and returns (missing, unexpected), and still raises on shape
+    mismatches (as torch's load_state_dict does: a checkpoint of another configuration, which would
+    otherwise leave those parameters at their initial values unreported)."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"load_release_state_dict: state_dict must be a mapping, got {type(state_dict).__name__}")
     own = module.state_dict()
@@ -45,11 +47,10 @@ def load_release_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor],
     unexpected = sorted(k for k in sub if k not in own)
     mismatched = [f"{k}: checkpoint {tuple(sub[k].shape)}, module {tuple(own[k].shape)}"
                   for k in own if k in sub and tuple(sub[k].shape) != tuple(own[k].shape)]
-    if strict and (missing or unexpected or mismatched):
-        parts = [f"{name}: {items}" for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                        ("shape mismatches", mismatched)) if items]
+    if mismatched or (strict and (missing or unexpected)):
+        listed = (("missing keys", missing), ("unexpected keys", unexpected)) if strict else ()
+        parts = [f"{name}: {items}" for name, items in (*listed, ("shape mismatches", mismatched)) if items]
         raise ValueError(f"load_release_state_dict (prefix {prefix!r}) into {type(module).__name__}: "
                          + "; ".join(parts))
-    loadable = {k: v for k, v in sub.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    module.load_state_dict(loadable, strict=False)
+    module.load_state_dict({k: v for k, v in sub.items() if k in own}, strict=False)
     return missing, unexpected
