@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -465,14 +466,22 @@ def _parse_input(x: Tensor, C: int, layout: Optional[str]) -> Tuple[Tensor, bool
             layout = "bchw"
         else:
             layout = "bhwc"
+            if x.shape[1] == C == x.shape[-1] and not torch.compiler.is_compiling():
+                # A contiguous (B, C, H, W) map with W = C would be read as tokens without any error.
+                warnings.warn(f"x of shape {tuple(x.shape)} fits both (B, H, W, C) and (B, C, H, W) with "
+                              f"C = {C}; it is read as (B, H, W, C) tokens (a (B, C, H, W) map is recognised "
+                              "only in channels_last memory format). Pass layout='bhwc' or 'bchw' to say which.",
+                              stacklevel=5)  # the caller of gmamba_ext.gssm
     if layout == "bchw":
         if x.shape[1] != C:
             raise ValueError(f"x: (B, C, H, W) input needs x.shape[1] == d_model = {C}, got shape "
                              f"{tuple(x.shape)}")
         return x.permute(0, 2, 3, 1), True
     if x.shape[-1] != C:
+        hint = (" It looks like a (B, C, H, W) map, which is taken in channels_last memory format only: pass "
+                "x.contiguous(memory_format=torch.channels_last), or layout='bchw'." if x.shape[1] == C else "")
         raise ValueError(f"x: expected (B, H, W, C) with C = d_model = {C} (or channels_last (B, C, H, W)), "
-                         f"got shape {tuple(x.shape)}")
+                         f"got shape {tuple(x.shape)}.{hint}")
     return x, False
 
 

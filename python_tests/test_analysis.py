@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmamba_ext.analysis import (ConvStack, WindowAttention, beyond_lookahead_mask, estimated_influence,
+from gmamba_ext.analysis import (ConvStack, TokenMixer, WindowAttention, beyond_lookahead_mask, estimated_influence,
                                  exact_influence, lookahead, max_influence_beyond_lookahead,
                                  perception_report, projection_bound, projections_needed, sample_positions,
                                  scan_d_conv, tau, tau_argmin)
@@ -59,7 +59,7 @@ def test_fem_ssm_without_poolings_is_not_global():
     8x8 low-pass (rows u < 2, column v = 0; irfft keeps the real part) has the kernel 1 + cos(2 pi di / 8)
     along H, exactly 0 for rows 4 apart. The first token's scan sees only itself, so output (0, 0) gets
     exactly nothing from row 4 (except the tokens the raster conv links to rows 3 and 5)."""
-    m = build(lambda: GSSM(8, variant="fem_ssm"), 0)
+    m = build(lambda: TokenMixer(8, variant="fem_ssm"), 0)
     x = rand_input((1, 8, 8, 8), 0)
     maps = exact_influence(m, x, [(0, 0)], layout="bhwc")[0]
     zeros = (maps == 0).nonzero().tolist()
@@ -68,7 +68,7 @@ def test_fem_ssm_without_poolings_is_not_global():
 
 # ------------------------------------------------------------------------------------------------ causal
 @pytest.mark.parametrize("factory,layout,K", [
-    (lambda: GSSM(8, variant="ssm", directions="uni"), "bhwc", 4),
+    (lambda: TokenMixer(8, variant="ssm", directions="uni"), "bhwc", 4),
     (lambda: GMambaBlock(8, variant="ssm"), "bchw", 3),
 ])
 def test_ssm_scan_is_exactly_causal_beyond_lookahead(factory, layout, K):
@@ -86,7 +86,7 @@ def test_ssm_scan_is_exactly_causal_beyond_lookahead(factory, layout, K):
 
 
 def test_bidirectional_scan_is_not_causal():
-    m = build(lambda: GSSM(8, variant="ssm", directions="bi"), 0)
+    m = build(lambda: TokenMixer(8, variant="ssm", directions="bi"), 0)
     x = rand_input((1, 8, 8, 8), 0)
     pos = [(0, 0), (4, 4)]
     maps = exact_influence(m, x, pos, layout="bhwc")
@@ -160,6 +160,7 @@ def test_vmap_batching_matches_stacking():
     torch.testing.assert_close(batched, stacked, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.filterwarnings("ignore:x of shape")  # (1, 8, 8, 8) tokens with C = 8 fit both layouts
 def test_channels_last_bchw_matches_bhwc():
     m = build(lambda: GSSM(8), 0)
     x = rand_input((1, 8, 8, 8), 0)  # (1, H, W, C)

@@ -3,6 +3,7 @@ hand computations in test_gssm_reference.py): every variant, mask and scan direc
 sizes, both layouts, float64 / float32 / bfloat16, initial states, state_dict input, autocast, float64
 gradcheck of x and every parameter, torch.compile and determinism."""
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import gmamba_ext
 from gmamba_ext import gssm
 from gmamba_ext.gssm_reference import gssm_ref
+from gmamba_ext.nn import GMambaBlock
 from gssm_helpers import assert_bitwise_reproducible, cast, grads_of, make, param_fields
 
 f64 = torch.float64
@@ -97,6 +99,32 @@ def test_meta_tensors_give_shapes():
     x = x_for(cfg, 2, 6, 5).to("meta")
     out = gssm(x, cast(p, device="meta"))
     assert out.device.type == "meta" and out.shape == x.shape
+
+
+def test_a_shape_that_fits_both_layouts_warns_unless_layout_is_given():
+    """A contiguous (B, C, H, W) map with W = C reads as (B, H, W, C) tokens: no error, wrong numbers. So a
+    call whose shape fits both readings warns; layout= says which (the modules pass it)."""
+    cfg, p, _ = make(16)
+    x = torch.randn(2, 16, 6, 16, dtype=f64)
+    with pytest.warns(UserWarning, match=r"fits both \(B, H, W, C\) and \(B, C, H, W\)"):
+        got = gssm(x, p)
+    torch.testing.assert_close(got, gssm_ref(x, p, cfg, layout="bhwc"), rtol=1e-10, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gssm(x, p, layout="bhwc")
+        bchw = gssm(x, p, layout="bchw")
+        torch.testing.assert_close(bchw.permute(0, 2, 3, 1), gssm_ref(x.permute(0, 2, 3, 1), p, cfg),
+                                   rtol=1e-10, atol=1e-10)
+        gssm(x.contiguous(memory_format=torch.channels_last), p)  # unambiguous: (B, C, H, W)
+        block = GMambaBlock(16, d_state=4).double()
+        block(torch.randn(1, 16, 16, 16, dtype=f64))  # H = W = C inside the block: it passes the layout
+
+
+def test_a_plain_bchw_map_is_told_how_to_pass_it():
+    cfg, p, _ = make(16)
+    x = torch.randn(2, 16, 6, 10, dtype=f64)
+    with pytest.raises(ValueError, match=r"looks like a \(B, C, H, W\) map.*channels_last.*layout='bchw'"):
+        gssm(x, p)
 
 
 def test_channels_last_bchw_layout():

@@ -54,7 +54,7 @@ def test_gradcheck_with_the_low_pass(form, mask, monkeypatch):
     tensors = [getattr(p, n).detach().clone().requires_grad_() for n in names]
 
     def fn(x, *ts):
-        return gssm(x, p.replace(**dict(zip(names, ts))), mask=mask)
+        return gssm(x, p.replace(**dict(zip(names, ts))), mask=mask, layout="bhwc")
 
     assert torch.autograd.gradcheck(fn, (x, *tensors), eps=1e-6, atol=1e-6, rtol=1e-5)
 

@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..nn import GMambaBlock, GSSM
+from ..nn import GSSM, GMambaBlock
 from .inputs import check_positive_int
 from .window_attention import WindowAttention
 
@@ -27,6 +27,14 @@ class ConvStack(nn.Sequential):
             if k < layers - 1:
                 mods.append(nn.GELU())
         super().__init__(*mods)
+
+
+class TokenMixer(GSSM):
+    """The GSSM mixer called on (B, H, W, C) tokens with the layout said, so that maps with H = W = C (which
+    fit both readings) take no warning."""
+
+    def forward(self, x):
+        return super().forward(x, layout="bhwc")
 
 
 @dataclass
@@ -48,7 +56,7 @@ def comparison_modules(channels: int, window_size: int = 4, seed: int = 0,
     w = window_size
     specs = [
         ("gmamba_full", "GMambaBlock full", lambda: GMambaBlock(channels), "bchw", False),
-        ("gssm_full", "GSSM mixer full", lambda: GSSM(channels, variant="full"), "bhwc", False),
+        ("gssm_full", "GSSM mixer full", lambda: TokenMixer(channels, variant="full"), "bhwc", False),
         ("gmamba_ssm", "GMambaBlock ssm (scan only, uni)", lambda: GMambaBlock(channels, variant="ssm"),
          "bchw", True),
         (f"gmamba_window{w}", f"GMambaBlock full, window {w}", lambda: GMambaBlock(channels, window_size=w),

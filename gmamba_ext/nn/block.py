@@ -40,8 +40,8 @@ class GMambaBlock(nn.Module):
     mlp.fc1.*, mlp.fc2.*, and gamma_1 / gamma_2 when layer_scale is a number (their initial value; 0 makes
     the block the identity at initialisation). window_size: None (global, the default) or w for the release's
     windowed block (zero padding to multiples of w at the bottom/right, w x w windows as independent samples,
-    then crop). A channels_last input is read without a copy; the output is (B, C, H, W) in channels_last
-    memory format. Extra keyword arguments go to the mixer (variant, mask, directions, dt_rank, ...)."""
+    then crop). A channels_last input is read without a copy; the output is (B, C, H, W) in the input's
+    memory format (channels_last for channels_last, contiguous for contiguous). Extra keyword arguments go to the mixer (variant, mask, directions, dt_rank, ...)."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  layer_scale: Optional[float] = None, window_size: Optional[int] = None, d_state: int = 8,
@@ -70,7 +70,7 @@ class GMambaBlock(nn.Module):
 
     def _tokens(self, t: Tensor) -> Tensor:
         """The block on (N, H, W, C) tokens."""
-        mixed = self.mixer(self.norm1(t))
+        mixed = self.mixer(self.norm1(t), layout="bhwc")  # tokens, whatever the sizes (H = W = C too)
         if self.gamma_1 is not None:
             mixed = self.gamma_1 * mixed
         t = t + drop_path(mixed, self.drop_path, self.training)
