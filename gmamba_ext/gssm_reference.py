@@ -466,7 +466,7 @@ def _parse_input(x: Tensor, C: int, layout: Optional[str]) -> Tuple[Tensor, bool
             layout = "bchw"
         else:
             layout = "bhwc"
-            if x.shape[1] == C == x.shape[-1] and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and x.shape[1] == C == x.shape[-1]:  # (no guard on H or W)
                 # A contiguous (B, C, H, W) map with W = C would be read as tokens without any error.
                 warnings.warn(f"x of shape {tuple(x.shape)} fits both (B, H, W, C) and (B, C, H, W) with "
                               f"C = {C}; it is read as (B, H, W, C) tokens (a (B, C, H, W) map is recognised "
