@@ -140,8 +140,8 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake(_OPS + "selective_scan_fwd")
     def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, channels_last):
-        # The dispatcher sends a call with any meta argument here, the others on the CPU say: the kernels'
-        # device check must hold here too, or this would hand back an uninitialised CPU tensor.
+        # A call with one argument on meta and the others on the CPU dispatches here: without the kernels'
+        # device check it would return an uninitialised CPU tensor.
         _check_one_device((u, delta, A, B, C, D, z, delta_bias, initial_state))
         batch = u.shape[0]
         d, L = (u.shape[2], u.shape[1]) if channels_last else (u.shape[1], u.shape[2])

@@ -6,7 +6,8 @@ shape, the axiom's constant tau, and the causal-scan order check. See docs/ANALY
   the error bound of `bounds`: projection_bound, projections_needed).
 - tau, tau_argmin, max_influence_beyond_lookahead, beyond_lookahead_mask, lookahead, sample_positions.
 - perception_report: maps plus all those numbers for one module.
-- WindowAttention, ConvStack, TokenMixer, comparison_modules: the baselines of the CLI (`python -m gmamba_ext.analysis`).
+- WindowAttention, ConvStack, TokenMixer, comparison_modules: the baselines of the CLI
+  (`python -m gmamba_ext.analysis`).
 """
 from .bounds import projection_bound, projections_needed
 from .influence import estimated_influence, exact_influence
@@ -18,5 +19,5 @@ from .zoo import Candidate, ConvStack, TokenMixer, comparison_modules
 
 __all__ = ["exact_influence", "estimated_influence", "projection_bound", "projections_needed", "tau",
            "tau_argmin", "lookahead", "beyond_lookahead_mask", "max_influence_beyond_lookahead",
-           "sample_positions", "scan_d_conv", "perception_report", "WindowAttention", "ConvStack", "TokenMixer",
-           "Candidate", "comparison_modules"]
+           "sample_positions", "scan_d_conv", "perception_report", "WindowAttention", "ConvStack",
+           "TokenMixer", "Candidate", "comparison_modules"]

@@ -41,7 +41,8 @@ class GMambaBlock(nn.Module):
     the block the identity at initialisation). window_size: None (global, the default) or w for the release's
     windowed block (zero padding to multiples of w at the bottom/right, w x w windows as independent samples,
     then crop). A channels_last input is read without a copy; the output is (B, C, H, W) in the input's
-    memory format (channels_last for channels_last, contiguous for contiguous). Extra keyword arguments go to the mixer (variant, mask, directions, dt_rank, ...)."""
+    memory format (channels_last for channels_last, contiguous for contiguous). Extra keyword arguments go
+    to the mixer (variant, mask, directions, dt_rank, ...)."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  layer_scale: Optional[float] = None, window_size: Optional[int] = None, d_state: int = 8,
