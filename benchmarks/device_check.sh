@@ -35,7 +35,7 @@ $PY -m gmamba_ext 2>&1 | tee -a "$OUT/env.txt"
 step "CUDA tests"
 timeout ${T_CUDA_TESTS:-150} $PY -m pytest "$REPO/python_tests/test_selective_scan_cuda.py" \
   "$REPO/python_tests/test_gssm_cuda.py" "$REPO/python_tests/test_gssm_fused.py" "$REPO/python_tests/test_gssm_lowpass.py" \
-  "$REPO/python_tests/test_finite_checks.py" "$REPO/python_tests/test_functorch.py" \
+  "$REPO/python_tests/test_finite_checks.py" "$REPO/python_tests/test_functorch.py" "$REPO/python_tests/test_higher_order.py" \
   "$REPO/python_tests/test_analysis.py::test_cuda_matches_cpu" -q -rs -p no:cacheprovider -n 4 \
   2>&1 | grep -v "DEBUG    torch" | tee "$OUT/tests_cuda.txt" | tail -25 || status=1
 

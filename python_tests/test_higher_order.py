@@ -155,3 +155,30 @@ def test_vmap_of_grad_with_a_shared_batch_one_argument():
                                      delta_softplus=True).square().sum()
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(us), torch.func.vmap(torch.func.grad(r))(us),
                                rtol=1e-10, atol=1e-10)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_scan_and_gssm_second_order_on_cuda():
+    """The reference path on CUDA tensors (float64): HVPs equal the CPU reference's."""
+    c = SCAN_CASES[0]
+    args = scan_args(c)
+    on = [None if t is None else t.detach().cuda().requires_grad_() for t in args]
+    results = []
+    for fn, xs in ((lambda *a: api(c)(*a[:8], delta_softplus=True, initial_state=a[8]), on),
+                   (lambda *a: selective_scan_ref(*a[:8], delta_softplus=True, initial_state=a[8]), args)):
+        first = torch.autograd.grad(fn(*xs).square().sum(), xs[0], create_graph=True)[0]
+        results.append(torch.autograd.grad(first.square().sum(), xs[0])[0])
+    torch.testing.assert_close(results[0].cpu(), results[1], rtol=1e-9, atol=1e-10)
+
+    cfg, p, g = make(8, d_state=2, d_conv=2)
+    x = torch.randn(2, 4, 4, 8, generator=g, dtype=f64)
+    hvps = []
+    for device, fn in (("cuda", gssm), ("cpu", lambda x, q: gssm_ref(x, q, cfg))):
+        xs = x.to(device).requires_grad_()
+        q = p.replace(**{n: getattr(p, n).to(device) for n in param_fields(p)})
+        (gx,) = torch.autograd.grad(fn(xs, q).square().sum(), xs, create_graph=True)
+        hvps.append(torch.autograd.grad(gx.square().sum(), xs)[0].cpu())
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-10)
