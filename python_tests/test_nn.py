@@ -107,8 +107,10 @@ def test_windowed_block_matches_window_loop(w, size):
     b = block(window_size=w).eval()
     x = torch.randn(2, 16, *size, dtype=f64)
     out = b(x)
-    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == x.shape and out.is_contiguous()  # the input's memory format, as the global block
     torch.testing.assert_close(out, ref_block(b, x), rtol=1e-10, atol=1e-10)
+    out_cl = b(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(out_cl, out)
 
 
 def test_block_reads_channels_last_input_in_place():
@@ -135,11 +137,40 @@ def test_block_errors(x, match):
         GMambaBlock(16)(x)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(window_size=0), "window_size"), (dict(drop_path=1.0), "drop_path"),
-                                      (dict(layer_scale="1e-6"), "layer_scale"), (dict(variant="x"), "variant")])
+@pytest.mark.parametrize("kw,match", [
+    (dict(window_size=0), "window_size"), (dict(drop_path=1.0), "drop_path"), (dict(drop_path="0.1"), "drop_path"),
+    (dict(drop_path=None), "drop_path"), (dict(layer_scale="1e-6"), "layer_scale"),
+    (dict(layer_scale=float("nan")), "layer_scale"), (dict(variant="x"), "variant"), (dict(mlp_ratio="4"), "mlp_ratio"),
+    (dict(mlp_ratio=0), "mlp_ratio"), (dict(mlp_ratio=-1.0), "mlp_ratio"), (dict(dim=-4), "dim"),
+    (dict(dim=16.0), "dim"), (dict(dim="16"), "dim"),
+])
 def test_block_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
-        GMambaBlock(16, **kw)
+        GMambaBlock(**{"dim": 16, **kw})
+
+
+@pytest.mark.parametrize("window_size", [None, 4])
+def test_block_refuses_an_empty_map(window_size):
+    with pytest.raises(ValueError, match="H and W must be >= 1"):
+        GMambaBlock(16, window_size=window_size)(torch.randn(1, 16, 0, 8))
+
+
+def test_windowed_drop_path_drops_whole_samples():
+    """Stochastic depth zeroes whole samples: with windows, all windows of an image together (the windows
+    ran as a batch and each drew its own mask)."""
+    from gmamba_ext.nn.block import drop_path
+    torch.manual_seed(0)
+    x = torch.ones(6 * 4, 3, 3, 2)  # 6 images of 4 windows
+    kept = drop_path(x, 0.5, True, group=4).flatten(1).amax(1).reshape(6, 4) > 0
+    assert torch.all(kept == kept[:, :1]) and 0 < kept[:, 0].sum() < 6
+    b = block(window_size=4, drop_path=0.5).train()
+    b.mlp.fc2.register_forward_hook(lambda m, a, out: torch.zeros_like(out))  # the mixer branch alone
+    x = torch.randn(8, 16, 8, 8, dtype=f64)
+    for _ in range(4):
+        out = b(x)
+        for i in range(8):
+            same = torch.isclose(out[i], x[i]).all(0)  # (H, W): the branch was dropped there
+            assert same.all() or not same.reshape(2, 4, 2, 4).all((1, 3)).any(), i  # no window dropped alone
 
 
 def test_zero_layer_scale_is_identity_and_drop_path():
@@ -267,6 +298,11 @@ def test_insert_into_convnext_and_errors():
         insert_gmamba_blocks(m)
     with pytest.raises(ValueError, match="no sub-modules \\['layer9'\\]"):
         insert_gmamba_blocks(torchvision.models.resnet18(weights=None), ["layer9"])
+    with pytest.raises(ValueError, match="names a sub-module twice"):  # one block would run unregistered
+        insert_gmamba_blocks(torchvision.models.resnet18(weights=None), ("layer3", "layer3"))
+    for layer_scale in (None, 0.5):  # zero_init's promise (the model unchanged) cannot hold
+        with pytest.raises(ValueError, match="conflicts with layer_scale"):
+            insert_gmamba_blocks(torchvision.models.resnet18(weights=None), layer_scale=layer_scale)
 
 
 def test_unet_positions_and_shapes():
@@ -278,6 +314,10 @@ def test_unet_positions_and_shapes():
     assert len(full.gmamba) == 7 and len(plain.gmamba) == 0
     with pytest.raises(ValueError, match="unknown positions"):
         GMambaUNet(4, gmamba_at=("enc5",))
+    assert list(GMambaUNet(4, gmamba_at="enc3").gmamba) == ["enc3"]  # one name, as insert_gmamba_blocks takes
+    for kw in (dict(num_classes=0), dict(in_channels=0), dict(num_classes=2.0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            GMambaUNet(**{"num_classes": 4, **kw})
 
 
 # ----------------------------------------------------------------------------------------- distributed ----

@@ -3,6 +3,7 @@ t = x + drop_path(gamma_1 * mixer(norm1(x))); out = t + drop_path(gamma_2 * mlp(
 window_size that reproduces the release's windowed block (not global)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -14,12 +15,22 @@ from .gssm_module import GSSM
 __all__ = ["GMambaBlock", "Mlp", "drop_path"]
 
 
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth: zero whole samples with probability p, scale the rest by 1 / (1 - p)."""
+def drop_path(x: Tensor, p: float, training: bool, group: int = 1) -> Tensor:
+    """Stochastic depth: zero whole samples with probability p, scale the rest by 1 / (1 - p). Each run of
+    `group` consecutive rows of x is one sample (the windows of one image) and is kept or dropped as one."""
     if p == 0.0 or not training:
         return x
-    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    keep = torch.empty((x.shape[0] // group,) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    keep = keep.bernoulli_(1 - p).repeat_interleave(group, dim=0)
     return x * keep / (1 - p)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class Mlp(nn.Module):
@@ -48,11 +59,17 @@ class GMambaBlock(nn.Module):
                  layer_scale: Optional[float] = None, window_size: Optional[int] = None, d_state: int = 8,
                  d_conv: int = 3, expand: float = 1, device=None, dtype=None, **mixer_kwargs):
         super().__init__()
-        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
-                                        or window_size < 1):
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"GMambaBlock: dim must be a positive int, got {dim!r}")
+        if window_size is not None and (not _is_int(window_size) or window_size < 1):
             raise ValueError(f"GMambaBlock: window_size must be None or a positive int, got {window_size!r}")
-        if not 0.0 <= drop_path < 1.0:
-            raise ValueError(f"GMambaBlock: drop_path must be in [0, 1), got {drop_path!r}")
+        if not _is_number(drop_path) or not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"GMambaBlock: drop_path must be a number in [0, 1), got {drop_path!r}")
+        if not _is_number(mlp_ratio) or not mlp_ratio > 0 or int(dim * mlp_ratio) < 1:
+            raise ValueError(f"GMambaBlock: mlp_ratio must be a number with int(dim * mlp_ratio) >= 1, got "
+                             f"{mlp_ratio!r}")
+        if layer_scale is not None and (not _is_number(layer_scale) or not math.isfinite(layer_scale)):
+            raise ValueError(f"GMambaBlock: layer_scale must be None or a finite number, got {layer_scale!r}")
         kw = dict(device=device, dtype=dtype)
         self.dim = dim
         self.window_size = window_size
@@ -62,23 +79,21 @@ class GMambaBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
         if layer_scale is not None:
-            if isinstance(layer_scale, bool) or not isinstance(layer_scale, (int, float)):
-                raise ValueError(f"GMambaBlock: layer_scale must be None or a number, got {layer_scale!r}")
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale), **kw))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale), **kw))
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def _tokens(self, t: Tensor) -> Tensor:
-        """The block on (N, H, W, C) tokens."""
+    def _tokens(self, t: Tensor, group: int = 1) -> Tensor:
+        """The block on (N, H, W, C) tokens; each `group` consecutive rows are one sample (drop_path)."""
         mixed = self.mixer(self.norm1(t), layout="bhwc")  # tokens, whatever the sizes (H = W = C too)
         if self.gamma_1 is not None:
             mixed = self.gamma_1 * mixed
-        t = t + drop_path(mixed, self.drop_path, self.training)
+        t = t + drop_path(mixed, self.drop_path, self.training, group)
         mlp = self.mlp(self.norm2(t))
         if self.gamma_2 is not None:
             mlp = self.gamma_2 * mlp
-        return t + drop_path(mlp, self.drop_path, self.training)
+        return t + drop_path(mlp, self.drop_path, self.training, group)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -89,6 +104,8 @@ class GMambaBlock(nn.Module):
         if x.shape[1] != self.dim:
             raise ValueError(f"GMambaBlock: x has {x.shape[1]} channels (shape {tuple(x.shape)}), the block "
                              f"was built for dim = {self.dim}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"GMambaBlock: x has an empty map (shape {tuple(x.shape)}): H and W must be >= 1")
         t = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous when x is channels_last
         w = self.window_size
         if w is None:
@@ -97,8 +114,11 @@ class GMambaBlock(nn.Module):
         Hp, Wp = -(-H // w) * w, -(-W // w) * w
         t = F.pad(t, (0, 0, 0, Wp - W, 0, Hp - H))
         win = t.reshape(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w, w, C)
-        out = self._tokens(win).reshape(B, Hp // w, Wp // w, w, w, C).permute(0, 1, 3, 2, 4, 5)
-        return out.reshape(B, Hp, Wp, C)[:, :H, :W].contiguous().permute(0, 3, 1, 2)
+        out = self._tokens(win, group=(Hp // w) * (Wp // w)).reshape(B, Hp // w, Wp // w, w, w, C)
+        out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)[:, :H, :W].permute(0, 3, 1, 2)
+        # the input's memory format, as the global block gives (a channels_last input is not contiguous)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, drop_path={self.drop_path}"

@@ -62,13 +62,20 @@ def insert_gmamba_blocks(model: nn.Module, after: Sequence[str] = RESNET_STAGES,
         raise ValueError("insert_gmamba_blocks: the model already has GMamba blocks (model.gmamba_blocks)")
     if isinstance(after, str):
         after = (after,)
+    keys = [name.replace(".", "_") for name in after]
+    if len(set(keys)) != len(keys):  # a second block under one key would run but never be registered
+        raise ValueError(f"insert_gmamba_blocks: `after` names a sub-module twice (or two names that agree up to "
+                         f"'.' vs '_'): {list(after)}")
+    if zero_init and block_kwargs.get("layer_scale", 0.0) != 0.0:
+        raise ValueError(f"insert_gmamba_blocks: zero_init=True starts the blocks' layer scales at 0; it "
+                         f"conflicts with layer_scale={block_kwargs['layer_scale']!r} (pass zero_init=False)")
     param = next(model.parameters(), None)
     if example_input is None:
         example_input = torch.zeros(1, 3, 64, 64, device=param.device if param is not None else None,
                                     dtype=param.dtype if param is not None else None)
     channels = _output_channels(model, after, example_input)
     if zero_init:
-        block_kwargs.setdefault("layer_scale", 0.0)
+        block_kwargs["layer_scale"] = 0.0
     modules = dict(model.named_modules())
     blocks = nn.ModuleDict()
     for name in after:

@@ -46,6 +46,11 @@ class GMambaUNet(nn.Module):
             raise ImportError("GMambaUNet needs torchvision (pip install torchvision)") from error
         if encoder not in ("resnet18", "resnet34"):
             raise ValueError(f"GMambaUNet: encoder must be 'resnet18' or 'resnet34', got {encoder!r}")
+        if isinstance(gmamba_at, str):  # one position, as insert_gmamba_blocks takes one name
+            gmamba_at = (gmamba_at,)
+        for name, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GMambaUNet: {name} must be a positive int, got {v!r}")
         unknown = [p for p in gmamba_at if p not in UNET_POSITIONS]
         if unknown:
             raise ValueError(f"GMambaUNet: unknown positions {unknown}; choose from {UNET_POSITIONS}")
