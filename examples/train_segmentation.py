@@ -7,7 +7,9 @@ marker square whose colour (red or green) decides the class of EVERY object in t
 background is class 0. The objects look the same in both cases, so a pixel's label depends on a marker
 that can be anywhere in the image.
 
-    python examples/train_segmentation.py [--steps 300] [--batch 16] [--size 64] [--out examples/out]
+    python examples/train_segmentation.py [--steps 300] [--batch 16] [--size 64] [--out segmentation_out]
+
+The committed results in examples/out came from the defaults with --out examples/out.
 """
 from __future__ import annotations
 
@@ -100,8 +102,14 @@ def main():
     p.add_argument("--positions", default="enc3,enc4,dec3", help="GMamba positions (of UNET_POSITIONS)")
     p.add_argument("--layer-scale", type=float, default=0.1,
                    help="initial layer scale of the GMamba blocks (small: they start near the identity)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    p.add_argument("--out", default="segmentation_out",
+                   help="output folder (default ./segmentation_out; the committed run is in examples/out)")
     args = p.parse_args()
+    for name in ("steps", "batch", "eval_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.size < 21:  # objects are 6 to size / 3 pixels wide
+        p.error(f"--size must be >= 21, got {args.size}")
     os.makedirs(args.out, exist_ok=True)
     val = make_batch(128, args.size, torch.Generator().manual_seed(10_000))
     positions = tuple(s for s in args.positions.split(",") if s)

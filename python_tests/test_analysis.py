@@ -308,6 +308,17 @@ def test_cli_without_matplotlib_writes_json_only(tmp_path, monkeypatch):
 def test_cli_rejects_bad_sizes(tmp_path):
     with pytest.raises(SystemExit, match="size"):
         main(["--size", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="channels must be even and >= 8, got 6"):
+        main(["--channels", "6", "--out", str(tmp_path)])
+
+
+def test_cli_refuses_a_bad_device_or_out_before_computing(tmp_path, monkeypatch):
+    monkeypatch.setattr("gmamba_ext.analysis.cli.comparison_modules", lambda *a: pytest.fail("computed"))
+    with pytest.raises(SystemExit, match="device 'bogus' is not usable"):
+        main(["--device", "bogus", "--out", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        main(["--out", str(tmp_path / "file")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -20,12 +20,13 @@ from .zoo import comparison_modules
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gmamba_ext.analysis", description=__doc__)
     ap.add_argument("--size", type=int, default=16, help="H = W of the input (default 16)")
-    ap.add_argument("--channels", type=int, default=16, help="C (default 16)")
+    ap.add_argument("--channels", type=int, default=16, help="C, even and >= 8 (default 16)")
     ap.add_argument("--out", default="influence_out", help="output folder (default ./influence_out)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the parameters, input and positions")
     ap.add_argument("--window", type=int, default=4, help="window size of the windowed modules (default 4)")
     ap.add_argument("--positions", type=int, default=8,
-                    help="sampled output positions per module: corners, centre, then random (default 8)")
+                    help="sampled output positions per module: corners, centre, then random (default 8); "
+                         "the centre, whose maps are drawn, is added when fewer than 5 are asked for")
     ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ap.add_argument("--chunk-size", type=int, default=64, help="vector-Jacobian products per backward")
     return ap
@@ -38,7 +39,16 @@ def run(size: int = 16, channels: int = 16, out: str = "influence_out", seed: in
     for value, name in ((size, "size"), (channels, "channels"), (window, "window"), (positions, "positions"),
                         (chunk_size, "chunk_size")):
         check_positive_int(value, name)
-    dev = torch.device(device)
+    if channels < 8 or channels % 2:  # the mixers' d = channels // 2 must be >= 4 (FGMM's reduction 4)
+        raise ValueError(f"channels must be even and >= 8, got {channels}")
+    # Before any computation: a bad device or an output path that is a file fails at once.
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out!r} exists and is not a folder")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, channels, size, size, generator=gen, dtype=torch.float64).to(dev)
     pos = sample_positions(size, size, positions, seed)
