@@ -271,6 +271,17 @@ def test_bad_arguments_raise_value_errors():
         tau(torch.zeros(3, 3))
 
 
+def test_positions_from_arrays():
+    """np.argwhere / torch.nonzero give (k, 2) arrays: taken like lists of pairs."""
+    import numpy as np
+    from gmamba_ext.analysis.inputs import check_positions
+    assert check_positions(np.argwhere(np.eye(3, dtype=bool)), 3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert check_positions(torch.tensor([[0, 2], [1, 0]]), 3, 3) == [(0, 2), (1, 0)]
+    assert check_positions(np.array([1, 2]), 3, 3) == [(1, 2)]
+    with pytest.raises(ValueError, match="outside the 3 x 3 grid"):
+        check_positions(np.array([[3, 0]]), 3, 3)
+
+
 def test_sample_positions():
     pos = sample_positions(8, 8, 10, seed=0)
     assert len(set(pos)) == 10 and pos[:5] == [(0, 0), (0, 7), (7, 0), (7, 7), (4, 4)]

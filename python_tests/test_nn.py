@@ -298,6 +298,11 @@ def test_insert_into_convnext_and_errors():
         insert_gmamba_blocks(m)
     with pytest.raises(ValueError, match="no sub-modules \\['layer9'\\]"):
         insert_gmamba_blocks(torchvision.models.resnet18(weights=None), ["layer9"])
+    gray = torchvision.models.resnet18(weights=None)
+    gray.conv1 = torch.nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)
+    with pytest.raises(ValueError, match=r"dry run .* shape \(1, 3, 64, 64\).*pass example_input="):
+        insert_gmamba_blocks(gray)
+    insert_gmamba_blocks(gray, example_input=torch.zeros(1, 1, 64, 64))
     with pytest.raises(ValueError, match="names a sub-module twice"):  # one block would run unregistered
         insert_gmamba_blocks(torchvision.models.resnet18(weights=None), ("layer3", "layer3"))
     for layer_scale in (None, 0.5):  # zero_init's promise (the model unchanged) cannot hold

@@ -39,6 +39,8 @@ def check_positions(positions, H: int, W: int) -> List[Tuple[int, int]]:
     def is_int(v):  # Python and NumPy integers, not bools
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
+    if hasattr(positions, "tolist") and not isinstance(positions, (str, bytes)):  # NumPy arrays, tensors
+        positions = positions.tolist()  # (np.argwhere gives a (k, 2) array)
     if isinstance(positions, Sequence) and len(positions) == 2 and all(is_int(v) for v in positions):
         positions = [positions]
     if not isinstance(positions, Sequence) or isinstance(positions, str) or len(positions) == 0:

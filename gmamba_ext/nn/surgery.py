@@ -40,7 +40,12 @@ def _output_channels(model: nn.Module, names: Sequence[str], example: Tensor) ->
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            try:
+                model(example)
+            except Exception as err:  # e.g. a model that does not take 3-channel 64 x 64 images
+                raise ValueError(f"insert_gmamba_blocks: the dry run that finds the blocks' channel counts failed "
+                                 f"on an input of shape {tuple(example.shape)} ({type(err).__name__}: {err}); "
+                                 f"pass example_input= with an input this model takes") from err
     finally:
         model.train(was_training)
         for h in handles:
