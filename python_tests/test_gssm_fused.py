@@ -81,8 +81,9 @@ def test_edge_sizes_match_composition(B, H, W):
     cfg, p, g = make(8, directions="bi", d_state=3)
     x = inputs(cfg, B, H, W, g)
     dout = torch.randn(B, H, W, 8, generator=g, dtype=f64)
-    got_out, got = outputs_and_grads(gssm, x, p, [None, None], dout, directions="bi")
-    want_out, want = outputs_and_grads(gssm_composition, x, p, [None, None], dout, directions="bi")
+    options = dict(directions="bi", layout="bhwc")  # (0, 8, 8, 8) fits both layouts
+    got_out, got = outputs_and_grads(gssm, x, p, [None, None], dout, **options)
+    want_out, want = outputs_and_grads(gssm_composition, x, p, [None, None], dout, **options)
     torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
     assert_grads_close(got, want)
 

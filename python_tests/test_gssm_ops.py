@@ -172,6 +172,7 @@ def test_gssm_errors(call, match):
         call(p)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
 def test_jit_trace_says_what_to_use_instead():
     _, p, _ = make(16)
     with pytest.raises(RuntimeError, match="torch.jit.trace is not supported.*torch.compile or torch.export"):
