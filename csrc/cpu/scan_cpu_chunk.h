@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <type_traits>
 
 #include "cpu/lane_transpose.h"
@@ -244,8 +245,16 @@ struct ValueAndGrad {
 // The decay exp(dt A) as decay_from_rate(dt * rate) with rate = decay_rate(A), formed once per state of a
 // chunk: in float the rate carries log2(e) and the exp is host_exp2_approx, which saves the per-step
 // range-reduction work (the decays are the scan's innermost exps, two fifths of its vector operations).
-GMAMBA_HOST_INLINE float decay_rate(float a) { return a * 1.4426950408889634f; }
-GMAMBA_HOST_INLINE double decay_rate(double a) { return a; }
+// The rate is kept finite (-inf, or an A below -2.4e38 that A log2(e) takes to -inf, becomes the lowest
+// finite value): a step with dt = 0, as every padding step past L is, then decays by exp2(0 * rate) = 1
+// instead of exp2(NaN), which made last_state and every gradient NaN. NaN still passes through.
+GMAMBA_HOST_INLINE float decay_rate(float a) {
+  const float r = a * 1.4426950408889634f;
+  return r < std::numeric_limits<float>::lowest() ? std::numeric_limits<float>::lowest() : r;
+}
+GMAMBA_HOST_INLINE double decay_rate(double a) {
+  return a < std::numeric_limits<double>::lowest() ? std::numeric_limits<double>::lowest() : a;
+}
 GMAMBA_HOST_INLINE float decay_from_rate(float x) { return host_exp2_approx(x); }
 GMAMBA_HOST_INLINE double decay_from_rate(double x) { return std::exp(x); }
 

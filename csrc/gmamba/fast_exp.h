@@ -46,7 +46,9 @@ GMAMBA_HOST_INLINE float host_exp_approx(float x) {
 }
 
 // exp(x) for x <= 0 (softplus's exp(-|v|)): host_exp_approx without the upper bound, one select fewer.
-GMAMBA_HOST_INLINE float host_exp_nonpositive(float x) { return host_exp_in_range(std::max(x, -87.3f)); }
+// Below -87.3 it is 0 (clamping there left a floor of 1.2e-38 under softplus and its derivative, which
+// scaled by a large u showed in the output); NaN passes through.
+GMAMBA_HOST_INLINE float host_exp_nonpositive(float x) { return x < -87.3f ? 0.0f : host_exp_in_range(x); }
 
 // 2^x for the CPU scan's decays, whose exponent dt * A log2(e) comes with A scaled once per state
 // (scan_cpu_chunk.h). Against host_exp_approx: no multiply by 1/ln2, no two-part Cody-Waite reduction

@@ -126,8 +126,22 @@ void test_host_softplus() {
   }
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   EXPECT(gmamba::host_softplus_approx(inf) == inf, "host_softplus_approx(inf) = %.9g", gmamba::host_softplus_approx(inf));
-  const float at_minus_inf = gmamba::host_softplus_approx(-inf);
-  EXPECT(at_minus_inf >= 0.0f && at_minus_inf < 2e-38f, "host_softplus_approx(-inf) = %.9g", at_minus_inf);
+  // Below -87.3 softplus and its derivative are 0 exactly (a 1.2e-38 floor there, times a large u, showed).
+  for (float v : {-87.5f, -100.0f, -1e4f, -inf}) {
+    EXPECT(gmamba::host_softplus_approx(v) == 0.0f, "host_softplus_approx(%g) = %.9g, want 0", v,
+           gmamba::host_softplus_approx(v));
+    EXPECT(gmamba::cpu::softplus_and_grad(v).grad == 0.0f, "softplus_and_grad(%g).grad = %.9g, want 0", v,
+           gmamba::cpu::softplus_and_grad(v).grad);
+  }
+  // The decay rate stays finite, so a dt = 0 (padding) step decays by exactly 1 even for A = -inf.
+  for (float a : {-3e38f, -inf}) {
+    const float rate = gmamba::cpu::decay_rate(a);
+    EXPECT(std::isfinite(rate) && gmamba::cpu::decay_from_rate(0.0f * rate) == 1.0f &&
+           gmamba::cpu::decay_from_rate(0.5f * rate) == 0.0f, "decay_rate(%g) = %g", a, rate);
+  }
+  EXPECT(std::isinf(gmamba::cpu::decay_rate(-std::numeric_limits<double>::infinity())) == false,
+         "decay_rate(-inf) in double must be finite");
+  EXPECT(std::isnan(gmamba::cpu::decay_rate(nan)), "decay_rate(NaN) must be NaN");
   EXPECT(std::isnan(gmamba::host_softplus_approx(nan)), "host_softplus_approx(NaN) must be NaN");
   EXPECT(std::isnan(gmamba::cpu::softplus_and_grad(nan).value), "softplus_and_grad(NaN) must be NaN");
 }
