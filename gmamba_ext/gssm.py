@@ -261,8 +261,9 @@ def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_b
     if finite_checks_enabled():
         check_finite("gssm", _named_inputs(x, sd, states))
     dev = x.device.type
-    # As autocast does for its own ops: float64 is never cast (and meta has no autocast to ask about).
-    if x.dtype != torch.float64 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    # As autocast does for its own ops: float64 is never cast. Meta has no autocast to ask about (a string
+    # test: torch 2.11's dynamo cannot trace torch.amp.is_autocast_available).
+    if x.dtype != torch.float64 and dev != "meta" and torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             return _gssm(x.to(dtype) if x.is_floating_point() else x, params, config, layout, states, fused)
