@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block import GMambaBlock
+from .block import GMambaBlock, _is_int
 
 __all__ = ["GMambaUNet", "UNET_POSITIONS"]
 
@@ -49,7 +49,7 @@ class GMambaUNet(nn.Module):
         if isinstance(gmamba_at, str):  # one position, as insert_gmamba_blocks takes one name
             gmamba_at = (gmamba_at,)
         for name, v in (("num_classes", num_classes), ("in_channels", in_channels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"GMambaUNet: {name} must be a positive int, got {v!r}")
         unknown = [p for p in gmamba_at if p not in UNET_POSITIONS]
         if unknown:
