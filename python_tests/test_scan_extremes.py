@@ -1,5 +1,6 @@
-"""The CPU scan at extreme but legal inputs, against the float64 reference: an A whose decay rate overflows
-(or A = -inf) with L not a multiple of the chunk (the padding steps have dt = 0), and softplus far below 0."""
+"""The scan kernels at extreme but legal inputs, against the float64 reference: an A whose decay rate
+overflows (or A = -inf) with L not a multiple of the chunk (the padding steps have dt = 0), on the CPU and
+(where present) CUDA, and the CPU's softplus far below 0."""
 import pytest
 import torch
 
@@ -18,27 +19,35 @@ def outputs_and_grads(fn, args, **kw):
     return [out, last] + [a.grad for a in args]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("A_value", [-3e38, float("-inf")])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_a_huge_negative_a_with_padding_steps(dtype, A_value, channels_last):
-    """A log2(e) overflowed to -inf, and 0 * -inf on the padding steps made last_state and every gradient
-    NaN; the reference (and the kernel at L = 16) gave finite values."""
-    b, d, L, N = 1, 3, 5, 2
+@pytest.mark.parametrize("L", [5, 37])
+def test_a_huge_negative_a_with_padding_steps(device, dtype, A_value, channels_last, L):
+    """On the CPU, A log2(e) overflowed to -inf; on both devices A = -inf times the padding steps' dt = 0
+    made last_state and every gradient NaN; the reference (and the kernels at L = 16) gave finite values.
+    L = 37 spans several chunks."""
+    b, d, N = 1, 3, 2
     shape = (b, L, d) if channels_last else (b, d, L)
     bc = (b, L, N) if channels_last else (b, N, L)
-    args = [torch.ones(shape, dtype=dtype), torch.full(shape, 0.5, dtype=dtype),
-            torch.full((d, N), A_value, dtype=dtype), torch.ones(bc, dtype=dtype), torch.ones(bc, dtype=dtype)]
+    args = [torch.ones(shape, dtype=dtype, device=device), torch.full(shape, 0.5, dtype=dtype, device=device),
+            torch.full((d, N), A_value, dtype=dtype, device=device), torch.ones(bc, dtype=dtype, device=device),
+            torch.ones(bc, dtype=dtype, device=device)]
     fn = gmamba_ext.selective_scan_channels_last if channels_last else gmamba_ext.selective_scan
     got = outputs_and_grads(fn, args)
     want = outputs_and_grads(lambda *a, **kw: selective_scan_ref(*a, channels_last=channels_last, **kw),
-                             [a.double() for a in args])
+                             [a.double().cpu() for a in args])
     for name, g, w in zip(("out", "last_state", *NAMES), got, want):
         if not torch.isfinite(w).all():  # dA and ddelta at A = -inf hold 0 * inf in the reference too
             assert A_value == float("-inf") and name in ("A", "delta"), name
             continue
         assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_softplus_far_below_zero_gives_zero_not_a_floor():

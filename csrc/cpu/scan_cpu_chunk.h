@@ -252,9 +252,7 @@ GMAMBA_HOST_INLINE float decay_rate(float a) {
   const float r = a * 1.4426950408889634f;
   return r < std::numeric_limits<float>::lowest() ? std::numeric_limits<float>::lowest() : r;
 }
-GMAMBA_HOST_INLINE double decay_rate(double a) {
-  return a < std::numeric_limits<double>::lowest() ? std::numeric_limits<double>::lowest() : a;
-}
+GMAMBA_HOST_INLINE double decay_rate(double a) { return finite_decay_coefficient(a); }
 GMAMBA_HOST_INLINE float decay_from_rate(float x) { return host_exp2_approx(x); }
 GMAMBA_HOST_INLINE double decay_from_rate(double x) { return std::exp(x); }
 

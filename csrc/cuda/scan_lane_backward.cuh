@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kBwdThreads) lane_backward(ScanBwdArgs<in_t, a
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
     const bool real = active && n < N;
-    A[n] = real ? a.f.A[c * N + n] : acc_t(0);
+    A[n] = real ? finite_decay_coefficient(a.f.A[c * N + n]) : acc_t(0);
     h0[n] = kStartRows == 0 ? checkpoint(n) : acc_t(0);
     g[n] = real ? carry[s.chunk_state_index(b, k, n, c)] : acc_t(0);
     dA[n] = 0;

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) channels_forward(ScanFwdArgs<in_t, a
   acc_t h[kN];
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
-    A[n][threadIdx.x] = n < N ? a.A[c * N + n] : acc_t(0);
+    A[n][threadIdx.x] = n < N ? finite_decay_coefficient(a.A[c * N + n]) : acc_t(0);
     h[n] = 0;
     if (kSummary || n >= N) continue;
     if (seg.count > 1) {

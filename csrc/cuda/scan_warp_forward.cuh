@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBlocksPerSM)
       acc_t Cv[kItems], Bnext[kItems];
       if constexpr (!kSummary) C_lane.load(n, Cv);
       if (n + 1 < N) B_lane.load(n + 1, Bnext);
-      const acc_t A_n = __ldg(A_row + n);
+      const acc_t A_n = finite_decay_coefficient(__ldg(A_row + n));
       // This lane's steps as h -> P h + S; P from one exp of the summed dt (the product of the steps'
       // decays up to rounding).
       acc_t decay[kItems], S = 0;

@@ -118,7 +118,7 @@ __global__ void chain_chunks(ScanShape s, const acc_t* __restrict__ A, const acc
   if (group == 1 && !live) return;  // with several lanes every thread of the warp must join the shuffles
   const int64_t c = live ? chain % s.dim : 0, n = live ? (chain / s.dim) % s.dstate : 0;
   const int64_t b = live ? chain / (s.dim * s.dstate) : 0;
-  const acc_t A_n = live ? A[c * s.dstate + n] : acc_t(0);
+  const acc_t A_n = live ? finite_decay_coefficient(A[c * s.dstate + n]) : acc_t(0);
   const int64_t edge_index = (b * s.dim + c) * s.dstate + n;
   const acc_t h0 = live ? edge[edge_index] : acc_t(0);
   const int64_t per = (s.nchunks + group - 1) / group;

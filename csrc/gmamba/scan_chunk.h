@@ -122,7 +122,7 @@ GMAMBA_LANES
 
 template <typename acc_t>
 GMAMBA_HD acc_t a_at(const acc_t* A, const LaneSet& ls, int w, int64_t n, int64_t N) {
-  return w < ls.active ? A[(ls.c0 + w) * N + n] : acc_t(0);
+  return w < ls.active ? finite_decay_coefficient(A[(ls.c0 + w) * N + n]) : acc_t(0);
 }
 
 // Runs the chunk from the states given by state_in(n, w); hands the end states to state_out(n, w, s).

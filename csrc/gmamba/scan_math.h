@@ -1,6 +1,7 @@
 #pragma once
 // Scalar math of the selective scan, shared by the CPU and CUDA kernels (and the C++ unit test).
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "fast_exp.h"
@@ -23,6 +24,14 @@ __device__ __forceinline__ float device_softplus(float v) {
 // 1 / (1 + e^-v); e^-v overflows to inf for v < -88, and the fast division gives 0 there, as it should.
 __device__ __forceinline__ float device_sigmoid(float v) { return __fdividef(1.0f, 1.0f + device_exp(-v)); }
 #endif
+
+// A as the CUDA kernels read it: -inf (a step that forgets the state entirely) becomes the lowest finite
+// value, so a padding step past L (dt = 0) decays by exp(0 * A) = 1 instead of exp(NaN), which made
+// last_state and every gradient NaN; any dt > 0 still gives a decay of 0. NaN passes through.
+template <typename acc_t>
+GMAMBA_HD_SMALL acc_t finite_decay_coefficient(acc_t a) {
+  return a < std::numeric_limits<acc_t>::lowest() ? std::numeric_limits<acc_t>::lowest() : a;
+}
 
 template <typename acc_t>
 GMAMBA_HD_SMALL acc_t softplus(acc_t v) {
