@@ -7,7 +7,8 @@ Exact algebra used instead of the spec's literal steps (same function, fewer pas
   transform), and the inverse transforms zero-pad the kept block ("corner": the inverse FFT along H pads
   the n kept rows; "symmetric": a row mask). On the CPU the same map runs as pruned real DFT matrices
   and GEMMs (_fem_low_dft: 2.5-3x faster than ATen's CPU FFTs at H = W = 128, which spend their time in
-  layout copies and zero fills). `high = x1 - low` is never formed:
+  layout copies and zero fills); GMAMBA_GSSM_LOWPASS=fft / dft picks one form on any device, as it does for
+  the C++ ops (under torch.compile, read when compiling). `high = x1 - low` is never formed:
 - the FEM fusion layer folds: [x1, lf, hf] W_f1^T + b_f1 = x1 Px^T + low Pl^T + c0 with
   Px = W1a + sh W1c W_hp, Pl = sl W1b W_lp - sh W1c W_hp, c0 = b_f1 + sl W1b b_lp + sh W1c b_hp
   (W_f1 = [W1a | W1b | W1c], sl / sh the sigmoids of the low / high weights): the two d x d projections of
@@ -34,24 +35,27 @@ from torch import Tensor
 
 from .gssm_ops import conv_silu, fgmm
 from .gssm_reference import (GSSMConfig, GSSMParams, _detect_prefix, _parse_input, _scan_keys, _validate,
-                              fem_low_mask)
+                              expected_shapes, fem_low_mask)
 from .finite_checks import check_finite, finite_checks_enabled
 from .functorch_rules import functorch_active
-from .gssm_fused import gssm_fused
+from .gssm_fused import gssm_fused, keeps_intermediates, lowpass_uses_fft
 from .ops import _BATCHED_BACKWARD, _has_kernel, _traced_or_batched, selective_scan_channels_last
 from .reference import accumulation_dtype
 
 __all__ = ["gssm", "gssm_composition", "composition_only", "config_for", "as_params"]
 
 
-def _config_from_shapes(get, options: dict) -> GSSMConfig:
-    """The GSSMConfig whose sizes match the tensors `get(key)` returns (None for a missing key)."""
+def _config_from_shapes(get, options: dict, keys: Optional[List[str]] = None) -> GSSMConfig:
+    """The GSSMConfig whose sizes match the tensors `get(key)` returns (None for a missing key). keys: the
+    state_dict's keys (prefix removed), to list what else is missing or unexpected when the sizes cannot
+    be read."""
     dims = {"in_proj.weight": 2, "A_log": 2, "conv1d_x.weight": 3, "dt_proj.weight": 2}
     for key, n in dims.items():
         t = get(key)
         if not isinstance(t, Tensor) or t.dim() != n:
             got = tuple(t.shape) if isinstance(t, Tensor) else ("missing" if t is None else type(t).__name__)
-            raise ValueError(f"params: '{key}' must be a {n}-D tensor (the release's shapes), got {got}")
+            raise ValueError(f"params: '{key}' must be a {n}-D tensor (the release's shapes), got {got}"
+                             + _key_report(keys, options))
     E, C = get("in_proj.weight").shape
     sizes = (E, C, get("A_log").shape[1], get("conv1d_x.weight").shape[-1], get("dt_proj.weight").shape[1])
     key = sizes + tuple((type(v), v) for v in options.values())  # types too: 1 == True must not pass as a bool
@@ -67,6 +71,20 @@ def _config_from_shapes(get, options: dict) -> GSSMConfig:
 
 
 _CONFIGS: dict = {}
+
+
+def _key_report(keys: Optional[List[str]], options: dict) -> str:
+    """The missing and unexpected keys among `keys`, for an error raised before the sizes (so the expected
+    shapes) are known: the key names depend on the options only."""
+    if keys is None:
+        return ""
+    try:
+        names = expected_shapes(GSSMConfig(d_model=16, **options))
+    except ValueError:  # a bad option: its own error comes later
+        return ""
+    missing = [k for k in names if k not in set(keys)]
+    unexpected = sorted(set(keys) - set(names))
+    return "".join(f"; {what} keys: {ks}" for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
 
 
 def config_for(params: GSSMParams, variant: str = "full", mask: str = "corner", directions: str = "uni",
@@ -91,7 +109,8 @@ def as_params(params, options: dict) -> GSSMParams:
         return params.gssm_params()
     if isinstance(params, Mapping):
         prefix = _detect_prefix(list(params))
-        config = _config_from_shapes(lambda key: params.get(prefix + key), options)
+        keys = [k[len(prefix):] for k in params if k.startswith(prefix)]
+        config = _config_from_shapes(lambda key: params.get(prefix + key), options, keys)
         return GSSMParams.from_state_dict(params, config, prefix=prefix)
     raise ValueError(f"params must be a GSSMParams, a GSSM module or a state_dict, got {type(params).__name__}")
 
@@ -130,7 +149,7 @@ def _fem_low(x1: Tensor, H: int, W: int, mask: str) -> Optional[Tensor]:
     if B == 0:  # pocketfft / MKL reject empty batches
         return torch.zeros_like(x1)
     xf = x1.reshape(B, H, W, d).to(accumulation_dtype(x1.dtype))
-    if xf.device.type == "cpu":  # ATen's CPU FFTs copy more than they compute: csrc/ops/fem_lowpass.cpp
+    if not lowpass_uses_fft(xf.device):  # the CPU's default: its FFTs copy more than they compute
         return _fem_low_dft(xf, mask).reshape(B, L, d).to(x1.dtype)
     X = torch.fft.fft(torch.fft.rfft(xf, dim=2)[:, :, :ncol], dim=1)  # (B, H, ncol, d)
     if mask == "corner":
@@ -258,6 +277,10 @@ def _gssm_entry(x, params, variant, mask, directions, initial_state, single_dt_b
         raise ValueError(f"gssm: x must be a tensor, got {type(x).__name__}")
     states = _initial_states(initial_state, config.n_directions)
     _check_devices(sd, states, x.device)
+    # Both settings checked on every call, whichever path runs and whether or not it saves anything (a bad
+    # value used to pass silently without grad, and under compile / vmap / composition_only).
+    keeps_intermediates(x.device)
+    lowpass_uses_fft(x.device)
     if finite_checks_enabled():
         check_finite("gssm", _named_inputs(x, sd, states))
     dev = x.device.type

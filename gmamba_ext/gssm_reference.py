@@ -353,8 +353,9 @@ _FIELDS_AND_KEYS: List[Tuple[str, str]] = []
 
 
 def _fields_and_keys() -> List[Tuple[str, str]]:
-    """(field name, state_dict key) of every GSSMParams field, computed once (dataclasses.fields per call cost
-    ~10 us of every gssm call's host time)."""
+    """(field name, state_dict key) of every GSSMParams field, filled once at import (at the end of this
+    module): dataclasses.fields per call cost ~10 us of every gssm call's host time, and dynamo cannot trace
+    it, so filling it lazily broke torch.compile(fullgraph=True) when a compiled call came first."""
     if not _FIELDS_AND_KEYS:
         keys = {_field(k): k for k in expected_shapes(GSSMConfig(d_model=16, directions="four"))}
         _FIELDS_AND_KEYS.extend((f.name, keys[f.name]) for f in dataclasses.fields(GSSMParams))
@@ -450,6 +451,14 @@ def _direction_perm(k: int, H: int, W: int, device) -> Optional[Tensor]:
     return colmajor if k == 2 else colmajor.flip(0)
 
 
+def _strides_are_channels_last(x: Tensor) -> bool:
+    """x.is_contiguous(memory_format=torch.channels_last) for a 4-D x, from the strides: inside
+    torch.func.vmap (and jacrev, which vmaps) querying a memory format raises NYI, strides do not."""
+    B, C, H, W = x.shape
+    want = (H * W * C, 1, W * C, C)
+    return all(size == 1 or stride == w for size, stride, w in zip(x.shape, x.stride(), want))
+
+
 def _parse_input(x: Tensor, C: int, layout: Optional[str]) -> Tuple[Tensor, bool]:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a tensor, got {type(x).__name__}")
@@ -461,8 +470,7 @@ def _parse_input(x: Tensor, C: int, layout: Optional[str]) -> Tuple[Tensor, bool
     if layout not in (None, "bhwc", "bchw"):
         raise ValueError(f"layout must be None, 'bhwc' or 'bchw', got {layout!r}")
     if layout is None:
-        if (x.shape[1] == C and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous()):
+        if x.shape[1] == C and _strides_are_channels_last(x) and not x.is_contiguous():
             layout = "bchw"
         else:
             layout = "bhwc"
@@ -605,3 +613,6 @@ def gssm_ref(x: Tensor, params: GSSMParams, config: GSSMConfig, layout: Optional
     """GSSM mixer forward. x: (B, H, W, C), or (B, C, H, W) in channels_last memory format (the output then
     is (B, C, H, W), channels_last). Returns the input's layout and dtype. scan: see gssm_stages."""
     return gssm_stages(x, params, config, layout=layout, initial_state=initial_state, scan=scan)["out"]
+
+
+_fields_and_keys()  # see its docstring

@@ -115,6 +115,26 @@ def test_gssm_vmap_has_no_per_index_fallback():
     assert not slow, slow
 
 
+@pytest.mark.parametrize("form", ["tokens with H = C", "channels_last map"])
+def test_gssm_vmap_and_jacrev_with_layout_detection(form):
+    """Telling the layout apart asked x.is_contiguous(memory_format=channels_last), which raises NYI inside
+    vmap (and jacrev): every (B, H, W, C) input with H = C and every channels_last map failed there."""
+    cfg, p, g = make(8, d_state=2)
+    if form == "channels_last map":
+        xs = torch.randn(V, 1, 4, 5, 8, generator=g, dtype=f64).permute(0, 1, 4, 2, 3)  # samples (1, 8, 4, 5)
+    else:
+        xs = torch.randn(V, 1, 8, 5, 8, generator=g, dtype=f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tokens with H = C fit both layouts: gssm warns, and reads tokens
+        got = torch.func.vmap(lambda x: gssm(x, p))(xs)
+        want = torch.stack([gssm(x, p) for x in xs])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        jac = torch.func.jacrev(lambda x: gssm(x, p).sum())(xs[0])
+    x0 = xs[0].clone().requires_grad_()
+    gssm(x0, p).sum().backward()
+    torch.testing.assert_close(jac, x0.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_gssm_per_sample_gradients():
     """vmap(grad(...)) over samples (per-sample gradients, e.g. for DP-SGD or influence estimates) gives what
     one autograd backward per sample gives, for every parameter and x."""

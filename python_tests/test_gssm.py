@@ -3,6 +3,8 @@ hand computations in test_gssm_reference.py): every variant, mask and scan direc
 sizes, both layouts, float64 / float32 / bfloat16, initial states, state_dict input, autocast, float64
 gradcheck of x and every parameter, torch.compile and determinism."""
 import itertools
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -206,6 +208,32 @@ def test_compile_fullgraph():
     torch.testing.assert_close(out, gssm(x, p32, directions="bi"))
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_compile_fullgraph_as_the_first_call_in_a_process():
+    """GSSMParams.to_state_dict filled a field table lazily with dataclasses.fields, which dynamo cannot
+    trace: compiling gssm failed unless an eager call or a module had filled it first (the README's flow)."""
+    code = ("import torch, gmamba_ext\n"
+            "from gmamba_ext import GSSMConfig, GSSMParams\n"
+            "p = GSSMParams.init(GSSMConfig(d_model=8, d_state=2, d_conv=3, expand=1))\n"
+            "x = torch.randn(1, 4, 5, 8)\n"
+            "f = torch.compile(lambda t: gmamba_ext.gssm(t, p), fullgraph=True, backend='eager')\n"
+            "torch.testing.assert_close(f(x), gmamba_ext.gssm(x, p))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_state_dict_error_lists_every_key_when_sizes_cannot_be_read():
+    """A state_dict missing one of the keys the sizes come from named only that key; the README promises
+    the missing and unexpected keys in the error."""
+    cfg, p, _ = make(8)
+    sd = {"module." + k: v for k, v in p.to_state_dict().items()}
+    for key in ("module.A_log", "module.D"):
+        del sd[key]
+    sd["module.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"'A_log' must be.*missing keys: \['A_log', 'D'\]; unexpected keys: "
+                                         r"\['extra'\]"):
+        gssm(x_for(cfg, 1, 4, 4), sd)
 
 
 def test_reference_reachable_as_gmamba_ext_reference():

@@ -8,6 +8,7 @@ forms low on the tokens) in float64 over variants, masks, save policies and size
 rows and columns; float64 gradcheck with the low-pass active; the size of what the forward saves; the
 environment variable's errors."""
 import itertools
+import sys
 
 import pytest
 import torch
@@ -122,6 +123,37 @@ def test_bad_form_is_refused(monkeypatch):
         gssm(x, p)
     monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", "auto")
     gssm(x, p)
+
+
+@pytest.mark.parametrize("variable,value", [("GMAMBA_GSSM_LOWPASS", "fast"), ("GMAMBA_GSSM_SAVE", "all")])
+def test_bad_settings_are_refused_on_every_path(variable, value, monkeypatch):
+    """Both settings were checked only where the C++ ops read them: a bad value passed silently without
+    grad (SAVE), and under composition_only / vmap (both)."""
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 8, 8, g)
+    monkeypatch.setenv(variable, value)
+    calls = {"eager, no grad": lambda: gssm(x, p),
+             "composition": lambda: gssm_composition(x, p),
+             "vmap": lambda: torch.func.vmap(lambda t: gssm(t, p, layout="bhwc"))(x[None])}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{variable} must be"):
+            call()
+
+
+@pytest.mark.parametrize("form", ["dft", "fft", "auto"])
+def test_composition_honours_the_form(form, monkeypatch):
+    """The Python composition (torch.compile's and vmap's path) ran the DFT form on the CPU whatever
+    GMAMBA_GSSM_LOWPASS said; it now takes the FFTs when told to, and agrees with both forms."""
+    gssm_module = sys.modules[gssm.__module__]  # gmamba_ext.gssm names the function, not the module
+    cfg, p, g = make(16, d_state=4)
+    x = inputs(cfg, 1, 9, 12, g)
+    want = gssm_composition(x, p)  # the CPU's default: the DFT form
+    used = []
+    real = gssm_module._fem_low_dft
+    monkeypatch.setattr(gssm_module, "_fem_low_dft", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setenv("GMAMBA_GSSM_LOWPASS", form)
+    torch.testing.assert_close(gssm_composition(x, p), want, rtol=1e-12, atol=1e-12)
+    assert bool(used) == (form != "fft"), (form, used)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
