@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from gmamba_ext.nn import GMambaUNet
+    from gmamba_ext.nn import GMambaUNet, weight_decay_groups
 except ImportError:  # run from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from gmamba_ext.nn import GMambaUNet
+    from gmamba_ext.nn import GMambaUNet, weight_decay_groups
 
 NUM_CLASSES = 3
 
@@ -70,7 +70,7 @@ def progress(name: str, step: int, total: int, loss: float, t0: float) -> None:
 
 def train(name: str, model: torch.nn.Module, args, val):
     gen = torch.Generator().manual_seed(args.seed)  # the same training batches for every model
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(weight_decay_groups(model, 1e-4), lr=args.lr)  # no decay on A_log and D
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):

@@ -52,11 +52,12 @@ class _GSSMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        h, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing refuses a second unpack
+        h, *rest = saved
         states, params = rest[:ctx.n_states], rest[ctx.n_states:]
         if _legacy_batched(dout):
             return _batched_backward(ctx, h, states, params, dout)
-        if backward_is_differentiated((dout, *ctx.saved_tensors)):
+        if backward_is_differentiated((dout, *saved)):
             return _differentiable_backward(ctx, h, states, params, dout)
         lists = ctx.intermediates
         if lists is None:

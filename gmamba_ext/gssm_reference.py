@@ -324,12 +324,9 @@ class GSSMParams:
         for key, shape in shapes.items():
             role = scan_roles.get(key)
             if role == "dt_w":
-                out[key] = unif(shape, R ** -0.5 * config.dt_scale)
+                out[key] = dt_weight_init(config, generator, **kw)
             elif role == "dt_b":
-                u = torch.rand(shape, generator=generator, dtype=torch.float64)
-                dt = torch.exp(u * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min))
-                dt = dt.clamp(min=config.dt_init_floor)
-                out[key] = (dt + torch.log(-torch.expm1(-dt))).to(**kw)  # inverse softplus
+                out[key] = dt_bias_init(config, generator, **kw)
             elif role == "A_log":
                 out[key] = torch.log(torch.arange(1, N + 1, dtype=torch.float64)).repeat(d, 1).to(**kw)
             elif role == "D":
@@ -347,6 +344,22 @@ class GSSMParams:
             else:  # pragma: no cover - every key is covered above
                 raise AssertionError(key)
         return cls(**{_field(k): v for k, v in out.items()})
+
+
+def dt_weight_init(config: GSSMConfig, generator: Optional[torch.Generator] = None, dtype=torch.float32,
+                   device=None) -> Tensor:
+    """dt_proj's weight (d, R) as the spec initialises it: uniform(+-R^-0.5 * dt_scale)."""
+    u = torch.rand((config.d, config.R), generator=generator, dtype=torch.float64)
+    return ((u * 2 - 1) * (config.R ** -0.5 * config.dt_scale)).to(dtype=dtype, device=device)
+
+
+def dt_bias_init(config: GSSMConfig, generator: Optional[torch.Generator] = None, dtype=torch.float32,
+                 device=None) -> Tensor:
+    """dt_proj's bias (d,): the inverse softplus of dt = exp(U(log dt_min, log dt_max)), dt >= dt_init_floor."""
+    u = torch.rand((config.d,), generator=generator, dtype=torch.float64)
+    dt = torch.exp(u * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min))
+    dt = dt.clamp(min=config.dt_init_floor)
+    return (dt + torch.log(-torch.expm1(-dt))).to(dtype=dtype, device=device)  # inverse softplus
 
 
 _FIELDS_AND_KEYS: List[Tuple[str, str]] = []

@@ -130,8 +130,8 @@ def test_gssm_vmap_and_jacrev_with_layout_detection(form):
         want = torch.stack([gssm(x, p) for x in xs])
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         jac = torch.func.jacrev(lambda x: gssm(x, p).sum())(xs[0])
-    x0 = xs[0].clone().requires_grad_()
-    gssm(x0, p).sum().backward()
+        x0 = xs[0].clone().requires_grad_()
+        gssm(x0, p).sum().backward()
     torch.testing.assert_close(jac, x0.grad, rtol=1e-12, atol=1e-12)
 
 

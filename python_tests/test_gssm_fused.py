@@ -310,7 +310,7 @@ def test_bad_save_policy_is_refused(monkeypatch):
         gssm(x, p)
     with pytest.raises(ValueError, match="GMAMBA_GSSM_SAVE must be"):
         keeps_intermediates(x.device)
-    with torch.no_grad():  # read only by a forward that saves for a backward
+    with torch.no_grad(), pytest.raises(ValueError, match="GMAMBA_GSSM_SAVE must be"):  # saving nothing too
         gssm(x, p)
 
 

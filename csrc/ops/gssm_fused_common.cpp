@@ -68,8 +68,19 @@ void check_tokens(const at::Tensor& x, const Layout& s, const char* name) {
 std::vector<at::Tensor> finish_grads(const std::vector<at::Tensor>& g, at::TensorList params, size_t first,
                                      size_t last, const at::Tensor& like) {
   std::vector<at::Tensor> out;
-  for (size_t i = first; i < last; ++i)
-    out.push_back(g[i].defined() ? as_dtype(g[i].reshape(params[i].sizes()), params[i].scalar_type()) : absent(like));
+  for (size_t i = first; i < last; ++i) {
+    if (!g[i].defined()) {
+      out.push_back(absent(like));
+      continue;
+    }
+    const at::Tensor& p = params[i];
+    at::Tensor grad = as_dtype(g[i].reshape(p.sizes()), p.scalar_type());
+    // The parameter's strides, as autograd's own gradients have them: a (d, 1) weight's gradient came out
+    // with strides (1, d), and DDP warned on every step that it did not match its bucket view.
+    if (grad.strides() != p.strides() && p.is_non_overlapping_and_dense())
+      grad = at::empty_strided(p.sizes(), p.strides(), grad.options()).copy_(grad);
+    out.push_back(grad);
+  }
   return out;
 }
 

@@ -78,11 +78,20 @@ class GMambaBlock(nn.Module):
         self.mixer = GSSM(dim, d_state=d_state, d_conv=d_conv, expand=expand, **mixer_kwargs, **kw)
         self.norm2 = nn.LayerNorm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
+        self.layer_scale = layer_scale
         if layer_scale is not None:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale), **kw))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale), **kw))
         else:
             self.gamma_1 = self.gamma_2 = None
+
+    def reset_parameters(self) -> None:
+        """Its own parameters, the layer scales (to layer_scale), as deferred (meta-device) initialisation
+        such as FSDP's calls it on each module that owns parameters; the sub-modules reset themselves."""
+        if self.gamma_1 is not None:
+            with torch.no_grad():
+                self.gamma_1.fill_(float(self.layer_scale))
+                self.gamma_2.fill_(float(self.layer_scale))
 
     def _tokens(self, t: Tensor, group: int = 1) -> Tensor:
         """The block on (N, H, W, C) tokens; each `group` consecutive rows are one sample (drop_path)."""

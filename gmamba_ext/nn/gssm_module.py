@@ -7,10 +7,16 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..gssm import gssm
-from ..gssm_reference import GSSMConfig, GSSMParams, _field
+from torch.nn.utils import parametrize
 
-__all__ = ["GSSM"]
+from ..gssm import gssm
+from ..gssm_reference import GSSMConfig, GSSMParams, _field, dt_bias_init, dt_weight_init, expected_shapes
+
+__all__ = ["GSSM", "weight_decay_groups"]
+
+# Deferred (meta-device) initialisation, as FSDP does it, calls reset_parameters() on every module that owns
+# parameters directly, each initialising only its own: so every such module here has one that gives the
+# spec's initialisation for its own parameters.
 
 
 class _FreqSSM(nn.Module):
@@ -23,6 +29,27 @@ class _FreqSSM(nn.Module):
         self.low_freq_proj = nn.Linear(d, d, **kw)
         self.high_freq_proj = nn.Linear(d, d, **kw)
         self.freq_fusion = nn.Sequential(nn.Linear(3 * d, 2 * d, **kw), nn.ReLU(), nn.Linear(2 * d, d, **kw))
+
+    def reset_parameters(self) -> None:
+        """Its own two weights (1, as the spec says); the Linear layers reset themselves."""
+        with torch.no_grad():
+            self.low_freq_weight.fill_(1.0)
+            self.high_freq_weight.fill_(1.0)
+
+
+class _DtProjection(nn.Linear):
+    """dt_proj (keys dt_proj[_k].*): a Linear whose reset_parameters() is the spec's dt initialisation, not
+    nn.Linear's (which a module-by-module initialisation would otherwise leave: dt ~ 0.9 instead of
+    [1e-3, 1e-1])."""
+
+    def __init__(self, config: GSSMConfig, **kw):
+        object.__setattr__(self, "dt_config", config)  # nn.Linear.__init__ calls reset_parameters
+        super().__init__(config.R, config.d, **kw)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(dt_weight_init(self.dt_config))
+            self.bias.copy_(dt_bias_init(self.dt_config))
 
 
 class _FreqAdaptive(nn.Module):
@@ -70,23 +97,53 @@ class GSSM(nn.Module):
         for k in range(c.n_directions):
             sfx = "" if k == 0 else f"_{k}"
             setattr(self, "x_proj" + sfx, nn.Linear(d, R + 2 * N, bias=False, **kw))
-            setattr(self, "dt_proj" + sfx, nn.Linear(R, d, **kw))
+            setattr(self, "dt_proj" + sfx, _DtProjection(c, **kw))
             setattr(self, "A_log" + sfx, nn.Parameter(torch.empty(d, N, **kw)))
             setattr(self, "D" + sfx, nn.Parameter(torch.empty(d, **kw)))
         self.out_proj = nn.Linear(E, C, bias=False, **kw)
         self.reset_parameters()
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """The spec's initialisation (GSSMParams.init): dt_proj, A_log, D, the frequency weights, and
-        PyTorch's default for every other layer."""
+        """The spec's initialisation (GSSMParams.init) of every parameter, the sub-modules' included: dt_proj,
+        A_log, D, the frequency weights, and PyTorch's default for every other layer. (The sub-modules'
+        own reset_parameters() give the same distributions, for module-by-module initialisation.)"""
         fresh = GSSMParams.init(self.config, generator=generator).to_state_dict()
         with torch.no_grad():
-            for key, value in self.state_dict(keep_vars=True).items():
-                value.copy_(fresh[key])
+            for key, value in self.named_parameters():
+                if key in fresh:  # (a parametrised weight's original keeps its value)
+                    value.copy_(fresh[key])
+        for name in self.no_weight_decay():  # marked here too: to_empty() makes new parameters
+            getattr(self, name)._no_weight_decay = True
+
+    def no_weight_decay(self) -> set:
+        """Names of the parameters to keep out of weight decay, A_log and D of each direction (decay pulls
+        A = -exp(A_log) towards -1 and D towards 0). Also marked `p._no_weight_decay = True` as mamba-ssm
+        marks them (a mark torch's deepcopy of a parameter drops). docs/MODULES.md shows the optimizer groups."""
+        return {name + sfx for sfx in [""] + [f"_{k}" for k in range(1, self.config.n_directions)]
+                for name in ("A_log", "D")}
 
     def gssm_params(self) -> GSSMParams:
-        """The parameters (not copies: gradients flow) as GSSMParams."""
-        return GSSMParams(**{_field(k): v for k, v in self.named_parameters()})
+        """The parameters (not copies: gradients flow) as GSSMParams. A weight reparametrised with
+        torch.nn.utils.parametrize (parametrizations.weight_norm, spectral_norm, orthogonal, LoRA-style
+        parametrisations) enters as its computed value."""
+        named = dict(self.named_parameters())
+        shapes = expected_shapes(self.config)
+        if named.keys() == shapes.keys():
+            return GSSMParams(**{_field(k): v for k, v in named.items()})
+        return GSSMParams(**{_field(k): self._effective(k, named) for k in shapes})
+
+    def _effective(self, key: str, named: dict) -> Tensor:
+        if key in named:
+            return named[key]
+        *path, name = key.split(".")
+        owner = self.get_submodule(".".join(path))
+        if parametrize.is_parametrized(owner, name):
+            return getattr(owner, name)
+        raise ValueError(f"GSSM: '{key}' is no longer a parameter of the module, and not a torch.nn.utils."
+                         "parametrize parametrisation: a hook-based reparametrisation (torch.nn.utils.prune, "
+                         "weight_norm, spectral_norm) is never applied, because GSSM computes with its "
+                         "sub-layers' weights in fused kernels and does not run their forwards or hooks. Use "
+                         "torch.nn.utils.parametrize-based ones (torch.nn.utils.parametrizations.*) instead.")
 
     def forward(self, x: Tensor, H: Optional[int] = None, W: Optional[int] = None,
                 initial_state=None, layout: Optional[str] = None) -> Tensor:
@@ -113,3 +170,13 @@ class GSSM(nn.Module):
         return (f"d_model={c.d_model}, d_state={c.d_state}, d_conv={c.d_conv}, expand={c.expand}, "
                 f"dt_rank={c.R}, variant={c.variant!r}, mask={c.mask!r}, directions={c.directions!r}")
 
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list:
+    """Optimizer parameter groups for `model`: every GSSM's no_weight_decay() parameters, and any parameter
+    marked `_no_weight_decay`, with weight decay 0; the rest with `weight_decay`. Found by walking the
+    modules, so deep copies (which drop the marks) still get it right."""
+    skip = {id(getattr(m, name)) for m in model.modules() if isinstance(m, GSSM) for name in m.no_weight_decay()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if id(p) in skip or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
