@@ -29,6 +29,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 #include <string>
 #include <vector>
 
@@ -100,6 +103,20 @@ DftMatrices dft_matrices(const Layout& s, const at::TensorOptions& acc) {
           at::cat({cw.t() * weight, -sw.t() * weight}, 1).to(acc)};
 }
 
+// The DFT cache's lock, held only around lookups and insertions (the matrices are built outside it). It is
+// also taken across fork(): a child forked while another thread held it inherited it locked, and its first
+// gssm call hung for ever (DataLoader workers fork while a serving thread runs gssm).
+static std::mutex& dft_cache_mutex() {
+  static std::mutex mutex;
+#ifndef _WIN32
+  static const int across_fork = pthread_atfork([] { dft_cache_mutex().lock(); },
+                                                [] { dft_cache_mutex().unlock(); },
+                                                [] { dft_cache_mutex().unlock(); });
+  (void)across_fork;
+#endif
+  return mutex;
+}
+
 // dft_matrices through a small cache on the CPU: they depend only on (H, W, mask, dtype), and building them
 // takes about 25 small ATen calls, made by each half of the low-pass (four or more times per forward +
 // backward). Not on other devices: a cache filled while a CUDA graph is being captured would keep matrices
@@ -113,19 +130,30 @@ DftMatrices cached_dft_matrices(const Layout& s, const at::TensorOptions& acc) {
     DftMatrices m;
   };
   constexpr size_t kEntries = 16;
-  static std::mutex mutex;
   static std::vector<Entry> entries;  // most recently used last
   const at::ScalarType dtype = c10::typeMetaToScalarType(acc.dtype());
-  std::lock_guard<std::mutex> lock(mutex);
-  auto hit = std::find_if(entries.begin(), entries.end(), [&](const Entry& e) {
-    return e.H == s.H && e.W == s.W && e.corner == s.corner && e.dtype == dtype;
-  });
-  if (hit == entries.end()) {
-    const c10::InferenceMode normal_tensors(false);  // not inference tensors, even if this caller runs in that mode
-    if (entries.size() == kEntries) entries.erase(entries.begin());
-    entries.push_back({s.H, s.W, s.corner, dtype, dft_matrices(s, acc)});
-  } else {
+  std::mutex& mutex = dft_cache_mutex();
+  // Moves a hit to the back (most recent); false on a miss. Called with the lock held.
+  const auto found = [&] {
+    const auto hit = std::find_if(entries.begin(), entries.end(), [&](const Entry& e) {
+      return e.H == s.H && e.W == s.W && e.corner == s.corner && e.dtype == dtype;
+    });
+    if (hit == entries.end()) return false;
     std::rotate(hit, hit + 1, entries.end());
+    return true;
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (found()) return entries.back().m;
+  }
+  DftMatrices made = [&] {
+    const c10::InferenceMode normal_tensors(false);  // not inference tensors, even if this caller runs in that mode
+    return dft_matrices(s, acc);
+  }();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!found()) {  // (another thread may have made the same ones meanwhile: keep one entry)
+    if (entries.size() == kEntries) entries.erase(entries.begin());
+    entries.push_back({s.H, s.W, s.corner, dtype, std::move(made)});
   }
   return entries.back().m;
 }
