@@ -1,5 +1,5 @@
 """gmamba_ext: fused CPU/CUDA kernels for GMamba's global state-space module."""
-from . import gssm_reference, nn, reference
+from . import flop_counts, gssm_reference, nn, reference
 from .gssm import gssm
 from .gssm_reference import GSSMConfig, GSSMParams
 from .ops import HAS_EXTENSION, selective_scan, selective_scan_channels_last

@@ -42,6 +42,9 @@ def test_children_forked_during_gssm_calls_do_not_hang():
             if pid == 0:
                 code = 1
                 try:
+                    # One thread, as DataLoader workers run: after a fork libgomp's thread team (MKL's GEMMs,
+                    # ATen's parallel_for) can hang in the child whatever this package does.
+                    torch.set_num_threads(1)
                     code = 0 if torch.isfinite(gssm(for_children[i], params, layout="bhwc")).all() else 2
                 finally:
                     os._exit(code)
