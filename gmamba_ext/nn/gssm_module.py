@@ -6,7 +6,6 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-
 from torch.nn.utils import parametrize
 
 from ..gssm import gssm
