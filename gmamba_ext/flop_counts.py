@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .gssm_fused import _sizes, lowpass_uses_fft
 from .ops import HAS_EXTENSION
+from .gssm_fused import _sizes, lowpass_uses_fft
 
 __all__ = ["selective_scan_flops", "gssm_flops"]
 

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import ops  # noqa: F401  (loads the extension: the fake kernels below register only for ops that exist)
 from .gssm_reference import DIRECTIONS, GSSMConfig, GSSMParams, _field, expected_shapes, gssm_ref
 from .higher_order import backward_is_differentiated, reference_vjp
 

@@ -354,3 +354,12 @@ def test_cuda_matches_composition(variant, directions, policy, monkeypatch):
 def test_cuda_opcheck():
     x, params, init, options = raw_args("full", "bi", states=True)
     opcheck_all(x.cuda(), [t.cuda() for t in params], [None if s is None else s.cuda() for s in init], options)
+
+
+def test_fake_kernels_are_registered():
+    """gssm_fused registers its fake kernels only for ops that exist: imported (through flop_counts, from
+    gmamba_ext/__init__) before the extension had loaded, it registered none, and FakeTensor ran the C++ op
+    on meta tensors, which saved nothing (opcheck failed)."""
+    from torch._library.simple_registry import singleton
+    for op in ("gssm_fwd", "gssm_bwd_scan", "gssm_bwd_front", "selective_scan_fwd", "conv_silu_fwd", "fgmm_fwd"):
+        assert singleton.find("gmamba_ext::" + op).fake_impl.kernel is not None, op
